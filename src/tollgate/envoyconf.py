@@ -1,0 +1,277 @@
+"""Renders Envoy's bootstrap for Tollgate from settings, with envoy-data-plane's typed config.
+
+One listener with the ext_proc filter (fail closed) in front of the router, a cluster for
+Tollgate's gRPC server and one for the upstream provider. Targets differ only in where
+things are: ``local`` (everything on 127.0.0.1, as `tollgate up` runs it), ``compose``
+(Tollgate reachable as the ``tollgate`` service) and ``kubernetes`` (Tollgate as a sidecar on
+127.0.0.1 of the pod). These classes are for building configuration only: they never touch
+the request path.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import betterproto2
+import yaml
+from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    Cluster,
+    ClusterDiscoveryType,
+    ClusterDnsLookupFamily,
+)
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    DataSource,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+    Http2ProtocolOptions,
+    Pipe,
+    SocketAddress,
+    TransportSocket,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import (
+    ClusterLoadAssignment,
+    Endpoint,
+    LbEndpoint,
+    LocalityLbEndpoints,
+)
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.route.v3 import (
+    Route,
+    RouteAction,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+    ExternalProcessor,
+    ProcessingMode,
+    ProcessingModeBodySendMode,
+    ProcessingModeHeaderSendMode,
+)
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpConnectionManagerCodecType,
+    HttpFilter,
+)
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CommonTlsContext,
+    SubjectAltNameMatcher,
+    SubjectAltNameMatcherSanType,
+    UpstreamTlsContext,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.google.protobuf import Any as AnyProto
+
+from tollgate.config import Settings
+
+__all__ = ["TARGETS", "EnvoyTarget", "render_bootstrap", "render_yaml"]
+
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+EXTPROC_CLUSTER = "tollgate_extproc"
+UPSTREAM_CLUSTER = "upstream"
+
+
+@dataclass(frozen=True)
+class EnvoyTarget:
+    """Where the listener binds and how Envoy reaches Tollgate, per deployment shape."""
+
+    name: str
+    listen_address: str | None  # None: take it from the settings
+    extproc_host: str | None  # None: take it from settings.grpc_address
+    admin_address: str
+
+
+TARGETS: dict[str, EnvoyTarget] = {
+    "local": EnvoyTarget("local", None, None, "127.0.0.1"),
+    "compose": EnvoyTarget("compose", "0.0.0.0", "tollgate", "127.0.0.1"),
+    "kubernetes": EnvoyTarget("kubernetes", "0.0.0.0", "127.0.0.1", "127.0.0.1"),
+}
+
+
+def _seconds(value: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=value)
+
+
+def _socket(host: str, port: int) -> Address:
+    return Address(socket_address=SocketAddress(address=host, port_value=port))
+
+
+def _cluster_load(name: str, address: Address) -> ClusterLoadAssignment:
+    return ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[
+            LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=address))])
+        ],
+    )
+
+
+def _http2_options() -> dict[str, AnyProto]:
+    options = HttpProtocolOptions(
+        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+            http2_protocol_options=Http2ProtocolOptions()
+        )
+    )
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyProto.pack(options)}
+
+
+def _extproc_cluster(settings: Settings, target: EnvoyTarget) -> Cluster:
+    grpc_address = settings.grpc_address
+    if grpc_address.startswith("unix:"):
+        address = Address(pipe=Pipe(path=grpc_address.removeprefix("unix:")))
+        kind = ClusterDiscoveryType.STATIC
+    else:
+        host, _, port = grpc_address.rpartition(":")
+        host = target.extproc_host or host.strip("[]")
+        address = _socket(host, int(port))
+        kind = ClusterDiscoveryType.STATIC if _is_ip(host) else ClusterDiscoveryType.STRICT_DNS
+    return Cluster(
+        name=EXTPROC_CLUSTER,
+        type=kind,
+        connect_timeout=_seconds(1),
+        typed_extension_protocol_options=_http2_options(),
+        load_assignment=_cluster_load(EXTPROC_CLUSTER, address),
+    )
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _upstream_cluster(settings: Settings) -> Cluster:
+    url = urlsplit(settings.upstream_url)
+    host = url.hostname or ""
+    tls = url.scheme == "https"
+    port = url.port or (443 if tls else 80)
+    cluster = Cluster(
+        name=UPSTREAM_CLUSTER,
+        type=ClusterDiscoveryType.STATIC if _is_ip(host) else ClusterDiscoveryType.LOGICAL_DNS,
+        dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
+        connect_timeout=_seconds(10),
+        per_connection_buffer_limit_bytes=settings.max_body_bytes,
+        load_assignment=_cluster_load(UPSTREAM_CLUSTER, _socket(host, port)),
+    )
+    if tls:
+        context = UpstreamTlsContext(
+            sni=host,
+            common_tls_context=CommonTlsContext(
+                validation_context=CertificateValidationContext(
+                    trusted_ca=DataSource(filename=SYSTEM_CA_BUNDLE),
+                    match_typed_subject_alt_names=[
+                        SubjectAltNameMatcher(
+                            san_type=SubjectAltNameMatcherSanType.DNS,
+                            matcher=StringMatcher(exact=host),
+                        )
+                    ],
+                )
+            ),
+        )
+        cluster.transport_socket = TransportSocket(
+            name="envoy.transport_sockets.tls", typed_config=AnyProto.pack(context)
+        )
+    return cluster
+
+
+def _ext_proc_filter(settings: Settings) -> HttpFilter:
+    ext_proc = ExternalProcessor(
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=EXTPROC_CLUSTER)),
+        # Fail closed: if Tollgate cannot be reached or does not answer, the request fails.
+        failure_mode_allow=False,
+        message_timeout=_seconds(settings.extproc_message_timeout_ms / 1000),
+        processing_mode=ProcessingMode(
+            request_header_mode=ProcessingModeHeaderSendMode.SEND,
+            response_header_mode=ProcessingModeHeaderSendMode.SEND,
+            request_body_mode=ProcessingModeBodySendMode.NONE,
+            response_body_mode=ProcessingModeBodySendMode.NONE,
+            request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+            response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+        ),
+        # Tollgate asks for bodies per request (SSE streamed, JSON buffered).
+        allow_mode_override=True,
+    )
+    return HttpFilter(name="envoy.filters.http.ext_proc", typed_config=AnyProto.pack(ext_proc))
+
+
+def _connection_manager(settings: Settings) -> HttpConnectionManager:
+    upstream = urlsplit(settings.upstream_url)
+    timeout = _seconds(settings.upstream_timeout_s)
+    route = Route(
+        match=RouteMatch(prefix="/"),
+        route=RouteAction(
+            cluster=UPSTREAM_CLUSTER,
+            timeout=timeout,
+            host_rewrite_literal=upstream.netloc.rsplit("@", 1)[-1],
+        ),
+    )
+    return HttpConnectionManager(
+        stat_prefix="tollgate",
+        codec_type=HttpConnectionManagerCodecType.AUTO,
+        # Streams may be silent for minutes while a model thinks.
+        stream_idle_timeout=timeout,
+        route_config=RouteConfiguration(
+            name="tollgate",
+            virtual_hosts=[VirtualHost(name="upstream", domains=["*"], routes=[route])],
+        ),
+        http_filters=[
+            _ext_proc_filter(settings),
+            HttpFilter(name="envoy.filters.http.router", typed_config=AnyProto.pack(Router())),
+        ],
+    )
+
+
+def render_bootstrap(settings: Settings, target: str = "local") -> Bootstrap:
+    """The typed Envoy bootstrap for ``target`` (one of :data:`TARGETS`)."""
+    where = TARGETS[target]
+    listener = Listener(
+        name="tollgate_http",
+        address=_socket(
+            where.listen_address or settings.envoy_listen_address, settings.envoy_listen_port
+        ),
+        per_connection_buffer_limit_bytes=settings.max_body_bytes,
+        filter_chains=[
+            FilterChain(
+                filters=[
+                    Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=AnyProto.pack(_connection_manager(settings)),
+                    )
+                ]
+            )
+        ],
+    )
+    return Bootstrap(
+        admin=Admin(address=_socket(where.admin_address, settings.envoy_admin_port)),
+        static_resources=BootstrapStaticResources(
+            listeners=[listener],
+            clusters=[_extproc_cluster(settings, where), _upstream_cluster(settings)],
+        ),
+    )
+
+
+def render_yaml(settings: Settings, target: str = "local") -> str:
+    """The bootstrap as YAML, with a header saying how it was made."""
+    data: dict[str, Any] = render_bootstrap(settings, target).to_dict(
+        casing=betterproto2.Casing.SNAKE
+    )
+    header = (
+        f"# Envoy bootstrap for Tollgate, target '{target}'.\n"
+        "# Generated by `tollgate envoy-config`; edit the settings, not this file.\n"
+        "# The ext_proc filter fails closed (failure_mode_allow is false, its default).\n"
+    )
+    return header + yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,117 @@
+"""Pure builders of ext_proc ProcessingResponse messages (no state, no I/O)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.type.v3 import http_status_pb2
+
+__all__ = [
+    "BODY_BUFFERED",
+    "BODY_NONE",
+    "BODY_STREAMED",
+    "continue_request_body",
+    "continue_request_headers",
+    "continue_response_body",
+    "continue_response_headers",
+    "error_body",
+    "immediate_error",
+]
+
+ProcessingMode = processing_mode_pb2.ProcessingMode
+BODY_NONE = ProcessingMode.NONE
+BODY_STREAMED = ProcessingMode.STREAMED
+BODY_BUFFERED = ProcessingMode.BUFFERED
+
+
+def _mutation(
+    remove: Iterable[str] = (), set_headers: Iterable[tuple[str, bytes]] = ()
+) -> ep.HeaderMutation:
+    return ep.HeaderMutation(
+        remove_headers=list(remove),
+        set_headers=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=key, raw_value=value),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+            for key, value in set_headers
+        ],
+    )
+
+
+def _headers_response(
+    remove: Iterable[str], set_headers: Iterable[tuple[str, bytes]]
+) -> ep.HeadersResponse:
+    return ep.HeadersResponse(
+        response=ep.CommonResponse(header_mutation=_mutation(remove, set_headers))
+    )
+
+
+def continue_request_headers(
+    *,
+    remove: Iterable[str] = (),
+    set_headers: Iterable[tuple[str, bytes]] = (),
+    response_body_mode: int | None = None,
+) -> ep.ProcessingResponse:
+    """Let the request go on, with headers removed/set; optionally pick the response body mode."""
+    response = ep.ProcessingResponse(request_headers=_headers_response(remove, set_headers))
+    if response_body_mode is not None:
+        response.mode_override.response_body_mode = response_body_mode
+    return response
+
+
+def continue_response_headers(
+    *,
+    set_headers: Iterable[tuple[str, bytes]] = (),
+    response_body_mode: int | None = None,
+) -> ep.ProcessingResponse:
+    response = ep.ProcessingResponse(response_headers=_headers_response((), set_headers))
+    if response_body_mode is not None:
+        response.mode_override.response_body_mode = response_body_mode
+    return response
+
+
+def continue_request_body() -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(request_body=ep.BodyResponse())
+
+
+def continue_response_body() -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(response_body=ep.BodyResponse())
+
+
+def error_body(message: str, code: str, *, param: str | None = None) -> bytes:
+    """An OpenAI-shaped error document."""
+    return json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "code": code,
+                "param": param,
+            }
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def immediate_error(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    param: str | None = None,
+    extra_headers: Iterable[tuple[str, bytes]] = (),
+) -> ep.ProcessingResponse:
+    """Answer the client directly (no upstream connection) with an OpenAI-style error."""
+    return ep.ProcessingResponse(
+        immediate_response=ep.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),
+            headers=_mutation(set_headers=[("content-type", b"application/json"), *extra_headers]),
+            body=error_body(message, code, param=param),
+            details=code,
+        )
+    )

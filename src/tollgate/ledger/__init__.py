@@ -1,0 +1,1 @@
+"""The usage ledger in Postgres: migrations, the batched writer and read queries."""

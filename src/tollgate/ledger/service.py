@@ -1,0 +1,114 @@
+"""UsageService: read access to the ledger over gRPC, served next to ext_proc."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import psycopg
+from google.protobuf import timestamp_pb2
+from psycopg_pool import AsyncConnectionPool
+
+from tollgate.ledger.queries import RequestRow, UsageFilter, fetch_requests, fetch_user_totals
+from tollgate.v1 import usage_pb2, usage_pb2_grpc
+
+__all__ = ["UsageServicer", "row_to_record"]
+
+_OUTCOMES = {
+    "ok": usage_pb2.OUTCOME_OK,
+    "blocked": usage_pb2.OUTCOME_BLOCKED,
+    "upstream_error": usage_pb2.OUTCOME_UPSTREAM_ERROR,
+    "client_aborted": usage_pb2.OUTCOME_CLIENT_ABORTED,
+    "usage_missing": usage_pb2.OUTCOME_USAGE_MISSING,
+}
+_MAX_PAGE = 10_000
+
+
+def _time(ts: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
+    return ts.ToDatetime(tzinfo=UTC) if present else None
+
+
+def row_to_record(row: RequestRow) -> usage_pb2.UsageRecord:
+    """The UsageRecord of one ledger row; NULL columns stay unset."""
+    record = usage_pb2.UsageRecord(
+        request_id=str(row.request_id),
+        streamed=row.streamed,
+        outcome=_OUTCOMES[row.outcome],
+        tags=row.tags,
+        limit_ids=row.limit_ids,
+        logging_disabled=row.logging_disabled,
+    )
+    record.created_at.FromDatetime(row.created_at)
+    for name in (
+        "key_id",
+        "end_user_id",
+        "identity_source",
+        "provider",
+        "model",
+        "endpoint",
+        "status_code",
+        "block_reason",
+        "input_tokens",
+        "cached_input_tokens",
+        "cache_write_tokens",
+        "output_tokens",
+        "reasoning_tokens",
+        "total_tokens",
+        "latency_ms",
+        "ttft_ms",
+        "use_case_id",
+        "use_case_name",
+        "use_case_version",
+        "upstream_base_uri",
+    ):
+        value = getattr(row, name)
+        if value is not None:
+            setattr(record, name, value)
+    if row.cost_usd is not None:
+        record.cost_usd = str(row.cost_usd)
+    if row.units:
+        record.units.update({k: float(v) for k, v in row.units.items()})
+    return record
+
+
+class UsageServicer(usage_pb2_grpc.UsageServiceServicer):  # type: ignore[misc]
+    def __init__(self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> None:
+        self._pool = pool
+
+    async def StreamRecords(
+        self, request: usage_pb2.StreamRecordsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        where = UsageFilter(
+            user=request.end_user_id if request.HasField("end_user_id") else None,
+            since=_time(request.since, request.HasField("since")),
+            until=_time(request.until, request.HasField("until")),
+        )
+        limit = min(request.limit or _MAX_PAGE, _MAX_PAGE)
+        async with self._pool.connection() as conn:
+            rows = await fetch_requests(conn, where, limit=limit)
+        for row in rows:
+            yield row_to_record(row)
+
+    async def SummarizeUsers(
+        self, request: usage_pb2.SummarizeUsersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> usage_pb2.SummarizeUsersResponse:
+        where = UsageFilter(
+            since=_time(request.since, request.HasField("since")),
+            until=_time(request.until, request.HasField("until")),
+        )
+        async with self._pool.connection() as conn:
+            totals = await fetch_user_totals(conn, where)
+        return usage_pb2.SummarizeUsersResponse(
+            users=[
+                usage_pb2.UserSummary(
+                    end_user_id=t.end_user_id or "",
+                    requests=t.requests,
+                    input_tokens=t.input_tokens,
+                    output_tokens=t.output_tokens,
+                    total_tokens=t.total_tokens,
+                    cost_usd="" if t.cost_usd is None else str(t.cost_usd),
+                )
+                for t in totals
+            ]
+        )

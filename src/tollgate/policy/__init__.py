@@ -1,0 +1,1 @@
+"""Request policy: attribution headers, end-user identity, enforcement."""

@@ -1,0 +1,54 @@
+"""The attribution headers Tollgate reads, with the aliases other proxies' apps send.
+
+None of these ever reaches the upstream provider. Names are lower case: Envoy hands
+ext_proc lower-cased header names.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ATTRIBUTION_HEADERS",
+    "FORWARD_PREFIXES",
+    "REQUEST_ID_HEADER",
+    "USER_ID_HEADERS",
+    "is_attribution_header",
+]
+
+USER_ID_HEADERS: tuple[str, ...] = ("x-tollgate-user-id", "x-proxyify-user-id", "xproxy-user-id")
+ENFORCE_HEADERS = ("x-tollgate-enforce-user-id", "x-usagepanda-enforce-user-ids")
+LIMIT_IDS_HEADERS = ("x-tollgate-limit-ids", "xproxy-limit-ids")
+TAGS_HEADERS = ("x-tollgate-tags", "xproxy-request-tags")
+LOGGING_DISABLE_HEADERS = ("x-tollgate-logging-disable", "xproxy-logging-disable")
+BASE_URI_HEADERS = ("x-tollgate-base-uri", "xproxy-provider-baseuri")
+USE_CASE_HEADERS = (
+    "x-tollgate-use-case-id",
+    "x-tollgate-use-case-name",
+    "x-tollgate-use-case-version",
+    "xproxy-usecase-id",
+    "xproxy-usecase-name",
+    "xproxy-usecase-version",
+)
+ROUTE_AS_RESOURCE_HEADERS = ("x-tollgate-route-as-resource", "xproxy-routeas-resource")
+GATEWAY_KEY_HEADER = "x-tollgate-key"
+FORWARD_PREFIXES: tuple[str, ...] = ("x-tollgate-forward-", "xproxy-forward-")
+
+ATTRIBUTION_HEADERS: frozenset[str] = frozenset(
+    (
+        *USER_ID_HEADERS,
+        *ENFORCE_HEADERS,
+        *LIMIT_IDS_HEADERS,
+        *TAGS_HEADERS,
+        *LOGGING_DISABLE_HEADERS,
+        *BASE_URI_HEADERS,
+        *USE_CASE_HEADERS,
+        *ROUTE_AS_RESOURCE_HEADERS,
+        GATEWAY_KEY_HEADER,
+    )
+)
+
+REQUEST_ID_HEADER = "x-tollgate-request-id"
+
+
+def is_attribution_header(name: str) -> bool:
+    """True for every header Tollgate consumes (canonical, alias or forward-prefixed)."""
+    return name in ATTRIBUTION_HEADERS or name.startswith(FORWARD_PREFIXES)

@@ -1,0 +1,135 @@
+"""LedgerWriter and migrations against a real Postgres (embedded wheel)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+from genai_prices import Usage, calc_price
+from psycopg_pool import AsyncConnectionPool
+
+from tollgate.app import run_migrations
+from tollgate.ledger.migrate import available_migrations
+from tollgate.ledger.records import UsageRecord, new_request_id
+from tollgate.ledger.writer import LedgerWriter
+from tollgate.v1 import usage_pb2
+
+
+def record(user: str | None, inp: int | None, out: int | None, *, model: str = "gpt-4o-mini") -> UsageRecord:
+    r = UsageRecord(request_id=new_request_id(), outcome=usage_pb2.OUTCOME_OK, provider="openai", model=model)
+    r.created_at.GetCurrentTime()
+    r.created_at.nanos -= r.created_at.nanos % 1000
+    if user is not None:
+        r.end_user_id = user
+    if inp is not None:
+        r.input_tokens = inp
+    if out is not None:
+        r.output_tokens = out
+        r.total_tokens = (inp or 0) + out
+    return r
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool[psycopg.AsyncConnection[Any]]]:
+    await run_migrations(database_url)
+    p: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(database_url, open=False)
+    await p.open()
+    await p.wait()
+    yield p
+    await p.close()
+
+
+def make_writer(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]], **kw: Any) -> LedgerWriter:
+    options = {"queue_size": 1000, "batch_size": 100, "flush_interval_s": 0.01, **kw}
+    return LedgerWriter(pool, **options)
+
+
+async def fetch(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]], query: str) -> list[tuple[Any, ...]]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(query)
+        return await cur.fetchall()
+
+
+async def test_migrations_apply_once(database_url: str) -> None:
+    first = await run_migrations(database_url)
+    assert first == [f"{m.version:03d}_{m.name}" for m in available_migrations()]
+    assert await run_migrations(database_url) == []
+
+
+async def test_batch_is_idempotent_and_rollup_matches(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> None:
+    writer = make_writer(pool)
+    batch = [record("alice", 10, 5), record("alice", 20, 7), record("bob", 3, None), record(None, None, None)]
+    assert await writer.write_batch(batch) == 4
+    assert await writer.write_batch(batch) == 0  # replaying changes nothing
+    assert await writer.write_batch([*batch[:2], record("bob", 1, 1)]) == 1
+    rows = await fetch(pool, "SELECT count(*), sum(input_tokens), sum(output_tokens) FROM tollgate.requests")
+    assert rows == [(5, 34, 13)]
+    rollup = await fetch(
+        pool,
+        "SELECT sum(requests), sum(input_tokens), sum(output_tokens), sum(cost_usd) FROM tollgate.daily_usage",
+    )
+    direct = await fetch(
+        pool,
+        "SELECT count(*), coalesce(sum(input_tokens),0), coalesce(sum(output_tokens),0),"
+        " coalesce(sum(cost_usd),0) FROM tollgate.requests",
+    )
+    assert rollup == direct
+    per_user = await fetch(
+        pool, "SELECT end_user_id, requests FROM tollgate.daily_usage ORDER BY end_user_id"
+    )
+    assert per_user == [("", 1), ("alice", 2), ("bob", 2)]
+
+
+async def test_null_tokens_stay_null(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> None:
+    r = record("carol", None, None)
+    await make_writer(pool).write_batch([r])
+    rows = await fetch(pool, "SELECT input_tokens, output_tokens, cost_usd FROM tollgate.requests")
+    assert rows == [(None, None, None)]
+
+
+async def test_cost_is_genai_prices_exactly(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> None:
+    await make_writer(pool).write_batch([record("dave", 1234, 567)])
+    ((cost,),) = await fetch(pool, "SELECT cost_usd FROM tollgate.requests")
+    expected = calc_price(Usage(input_tokens=1234, output_tokens=567), model_ref="gpt-4o-mini", provider_id="openai")
+    assert cost == Decimal(expected.total_price)
+    assert cost > 0
+
+
+async def test_unknown_model_has_null_cost_and_is_counted(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
+) -> None:
+    writer = make_writer(pool)
+    await writer.write_batch([record("erin", 5, 5, model="no-such-model-anywhere")])
+    assert await fetch(pool, "SELECT cost_usd FROM tollgate.requests") == [(None,)]
+    assert writer.stats.unpriced == 1
+
+
+async def test_background_writer_drains_on_close(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> None:
+    writer = make_writer(pool, batch_size=7)
+    writer.start()
+    for i in range(50):
+        assert writer.submit(record(f"u{i % 5}", i, 1))
+    await writer.close()
+    assert await fetch(pool, "SELECT count(*) FROM tollgate.requests") == [(50,)]
+    assert writer.stats.written == 50
+    assert writer.stats.batches >= 50 // 7
+
+
+async def test_submit_never_blocks_when_full(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> None:
+    writer = make_writer(pool, queue_size=3)
+    results = [writer.submit(record("f", 1, 1)) for _ in range(5)]
+    assert results == [True, True, True, False, False]
+    assert writer.stats.dropped == 2
+    await asyncio.sleep(0)
+
+
+async def test_monthly_partitions_exist(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> None:
+    rows = await fetch(
+        pool,
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'tollgate.requests'::regclass",
+    )
+    assert rows[0][0] >= 5  # default + previous, current and two coming months
