@@ -1,4 +1,4 @@
-"""Shared fixtures: one real Postgres server (embedded wheel) per session, a fresh database per test."""
+"""Shared fixtures: one real Postgres (embedded wheel) per session, a new database per test."""
 
 from __future__ import annotations
 

@@ -8,9 +8,9 @@ within a bounded time. Nothing here runs on the request path.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import ctypes
 import ctypes.util
+import importlib.util
 import logging
 import os
 import shutil

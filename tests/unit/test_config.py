@@ -28,7 +28,10 @@ def test_file_then_environment_then_overrides(tmp_path: Path) -> None:
 def test_config_file_from_environment(tmp_path: Path) -> None:
     conf = tmp_path / "t.toml"
     conf.write_text('upstream_url = "http://127.0.0.1:8090"\n')
-    assert load_settings(environ={"TOLLGATE_CONFIG": str(conf)}).upstream_url == "http://127.0.0.1:8090"
+    assert (
+        load_settings(environ={"TOLLGATE_CONFIG": str(conf)}).upstream_url
+        == "http://127.0.0.1:8090"
+    )
 
 
 @pytest.mark.parametrize(
@@ -63,6 +66,8 @@ def test_password_is_masked_in_repr() -> None:
 def test_settings_are_documented() -> None:
     docs = (REPO / "docs" / "configuration.md").read_text()
     missing = [
-        name for name, env, _default, _help in setting_docs() if f"`{name}`" not in docs or f"`{env}`" not in docs
+        name
+        for name, env, _default, _help in setting_docs()
+        if f"`{name}`" not in docs or f"`{env}`" not in docs
     ]
     assert missing == [], f"settings missing from docs/configuration.md: {missing}"

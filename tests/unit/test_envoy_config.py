@@ -51,7 +51,9 @@ def test_ext_proc_fails_closed_and_lets_tollgate_pick_body_modes() -> None:
 
 
 def test_https_upstream_verifies_certificate_and_sni() -> None:
-    doc = yaml.safe_load(render_yaml(load_settings(environ={"TOLLGATE_UPSTREAM_URL": "https://api.example.com"})))
+    doc = yaml.safe_load(
+        render_yaml(load_settings(environ={"TOLLGATE_UPSTREAM_URL": "https://api.example.com"}))
+    )
     (upstream,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == "upstream"]
     tls = upstream["transport_socket"]["typed_config"]
     assert tls["sni"] == "api.example.com"
@@ -61,7 +63,9 @@ def test_https_upstream_verifies_certificate_and_sni() -> None:
 
 
 def test_plain_http_upstream_has_no_tls() -> None:
-    doc = yaml.safe_load(render_yaml(load_settings(environ={"TOLLGATE_UPSTREAM_URL": "http://127.0.0.1:8090"})))
+    doc = yaml.safe_load(
+        render_yaml(load_settings(environ={"TOLLGATE_UPSTREAM_URL": "http://127.0.0.1:8090"}))
+    )
     (upstream,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == "upstream"]
     assert "transport_socket" not in upstream
     assert upstream["type"] == "STATIC"

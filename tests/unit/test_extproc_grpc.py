@@ -138,7 +138,11 @@ async def test_sse_stream_in_many_chunks(channel: tuple[grpc.aio.Channel, ListSi
     assert answers[1].mode_override.response_body_mode == responses.BODY_STREAMED
     (record,) = sink.records
     assert record.streamed
-    assert (record.input_tokens, record.cached_input_tokens, record.output_tokens) == (1117, 1024, 46)
+    assert (record.input_tokens, record.cached_input_tokens, record.output_tokens) == (
+        1117,
+        1024,
+        46,
+    )
     assert record.HasField("ttft_ms")
 
 
@@ -174,7 +178,9 @@ async def test_client_abort_mid_stream(channel: tuple[grpc.aio.Channel, ListSink
         )
     )
     await call.read()
-    await call.write(ep.ProcessingRequest(response_body=ep.HttpBody(body=b'data: {"model":"m"}\n\n')))
+    await call.write(
+        ep.ProcessingRequest(response_body=ep.HttpBody(body=b'data: {"model":"m"}\n\n'))
+    )
     await call.read()
     call.cancel()
     await asyncio.wait_for(sink.arrived.wait(), 5)
@@ -183,7 +189,9 @@ async def test_client_abort_mid_stream(channel: tuple[grpc.aio.Channel, ListSink
     assert record.model == "m"
 
 
-async def test_non_utf8_user_header_does_not_crash(channel: tuple[grpc.aio.Channel, ListSink]) -> None:
+async def test_non_utf8_user_header_does_not_crash(
+    channel: tuple[grpc.aio.Channel, ListSink],
+) -> None:
     chan, sink = channel
     request = ep.ProcessingRequest(
         request_headers=headers((":path", b"/v1/models"), ("x-tollgate-user-id", b"\xff\xfeuser"))
@@ -192,7 +200,9 @@ async def test_non_utf8_user_header_does_not_crash(channel: tuple[grpc.aio.Chann
         chan,
         [request, ep.ProcessingRequest(response_headers=headers((":status", b"200"), end=True))],
     )
-    assert answers[0].request_headers.response.header_mutation.remove_headers == ["x-tollgate-user-id"]
+    assert answers[0].request_headers.response.header_mutation.remove_headers == [
+        "x-tollgate-user-id"
+    ]
     (record,) = sink.records
     assert record.end_user_id == "\ufffd\ufffduser"
     assert record.outcome == usage_pb2.OUTCOME_OK
@@ -200,7 +210,9 @@ async def test_non_utf8_user_header_does_not_crash(channel: tuple[grpc.aio.Chann
 
 def test_long_user_id_is_truncated() -> None:
     sink = ListSink()
-    processor = RequestProcessor(ProcessorContext(sink=sink, provider="openai", upstream_base_uri=""))
+    processor = RequestProcessor(
+        ProcessorContext(sink=sink, provider="openai", upstream_base_uri="")
+    )
     processor.request_headers(
         headers((":path", b"/v1/chat/completions"), ("x-tollgate-user-id", b"u" * 300))
     )

@@ -19,8 +19,12 @@ from tollgate.ledger.writer import LedgerWriter
 from tollgate.v1 import usage_pb2
 
 
-def record(user: str | None, inp: int | None, out: int | None, *, model: str = "gpt-4o-mini") -> UsageRecord:
-    r = UsageRecord(request_id=new_request_id(), outcome=usage_pb2.OUTCOME_OK, provider="openai", model=model)
+def record(
+    user: str | None, inp: int | None, out: int | None, *, model: str = "gpt-4o-mini"
+) -> UsageRecord:
+    r = UsageRecord(
+        request_id=new_request_id(), outcome=usage_pb2.OUTCOME_OK, provider="openai", model=model
+    )
     r.created_at.GetCurrentTime()
     r.created_at.nanos -= r.created_at.nanos % 1000
     if user is not None:
@@ -34,9 +38,13 @@ def record(user: str | None, inp: int | None, out: int | None, *, model: str = "
 
 
 @pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool[psycopg.AsyncConnection[Any]]]:
+async def pool(
+    database_url: str,
+) -> AsyncIterator[AsyncConnectionPool[psycopg.AsyncConnection[Any]]]:
     await run_migrations(database_url)
-    p: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(database_url, open=False)
+    p: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+        database_url, open=False
+    )
     await p.open()
     await p.wait()
     yield p
@@ -48,7 +56,9 @@ def make_writer(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]], **kw: A
     return LedgerWriter(pool, **options)
 
 
-async def fetch(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]], query: str) -> list[tuple[Any, ...]]:
+async def fetch(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]], query: str
+) -> list[tuple[Any, ...]]:
     async with pool.connection() as conn:
         cur = await conn.execute(query)
         return await cur.fetchall()
@@ -60,17 +70,27 @@ async def test_migrations_apply_once(database_url: str) -> None:
     assert await run_migrations(database_url) == []
 
 
-async def test_batch_is_idempotent_and_rollup_matches(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> None:
+async def test_batch_is_idempotent_and_rollup_matches(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
+) -> None:
     writer = make_writer(pool)
-    batch = [record("alice", 10, 5), record("alice", 20, 7), record("bob", 3, None), record(None, None, None)]
+    batch = [
+        record("alice", 10, 5),
+        record("alice", 20, 7),
+        record("bob", 3, None),
+        record(None, None, None),
+    ]
     assert await writer.write_batch(batch) == 4
     assert await writer.write_batch(batch) == 0  # replaying changes nothing
     assert await writer.write_batch([*batch[:2], record("bob", 1, 1)]) == 1
-    rows = await fetch(pool, "SELECT count(*), sum(input_tokens), sum(output_tokens) FROM tollgate.requests")
+    rows = await fetch(
+        pool, "SELECT count(*), sum(input_tokens), sum(output_tokens) FROM tollgate.requests"
+    )
     assert rows == [(5, 34, 13)]
     rollup = await fetch(
         pool,
-        "SELECT sum(requests), sum(input_tokens), sum(output_tokens), sum(cost_usd) FROM tollgate.daily_usage",
+        "SELECT sum(requests), sum(input_tokens), sum(output_tokens), sum(cost_usd)"
+        " FROM tollgate.daily_usage",
     )
     direct = await fetch(
         pool,
@@ -84,17 +104,23 @@ async def test_batch_is_idempotent_and_rollup_matches(pool: AsyncConnectionPool[
     assert per_user == [("", 1), ("alice", 2), ("bob", 2)]
 
 
-async def test_null_tokens_stay_null(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> None:
+async def test_null_tokens_stay_null(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
+) -> None:
     r = record("carol", None, None)
     await make_writer(pool).write_batch([r])
     rows = await fetch(pool, "SELECT input_tokens, output_tokens, cost_usd FROM tollgate.requests")
     assert rows == [(None, None, None)]
 
 
-async def test_cost_is_genai_prices_exactly(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> None:
+async def test_cost_is_genai_prices_exactly(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
+) -> None:
     await make_writer(pool).write_batch([record("dave", 1234, 567)])
     ((cost,),) = await fetch(pool, "SELECT cost_usd FROM tollgate.requests")
-    expected = calc_price(Usage(input_tokens=1234, output_tokens=567), model_ref="gpt-4o-mini", provider_id="openai")
+    expected = calc_price(
+        Usage(input_tokens=1234, output_tokens=567), model_ref="gpt-4o-mini", provider_id="openai"
+    )
     assert cost == Decimal(expected.total_price)
     assert cost > 0
 
@@ -108,7 +134,9 @@ async def test_unknown_model_has_null_cost_and_is_counted(
     assert writer.stats.unpriced == 1
 
 
-async def test_background_writer_drains_on_close(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> None:
+async def test_background_writer_drains_on_close(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
+) -> None:
     writer = make_writer(pool, batch_size=7)
     writer.start()
     for i in range(50):
@@ -119,7 +147,9 @@ async def test_background_writer_drains_on_close(pool: AsyncConnectionPool[psyco
     assert writer.stats.batches >= 50 // 7
 
 
-async def test_submit_never_blocks_when_full(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> None:
+async def test_submit_never_blocks_when_full(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
+) -> None:
     writer = make_writer(pool, queue_size=3)
     results = [writer.submit(record("f", 1, 1)) for _ in range(5)]
     assert results == [True, True, True, False, False]
@@ -127,7 +157,9 @@ async def test_submit_never_blocks_when_full(pool: AsyncConnectionPool[psycopg.A
     await asyncio.sleep(0)
 
 
-async def test_monthly_partitions_exist(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> None:
+async def test_monthly_partitions_exist(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
+) -> None:
     rows = await fetch(
         pool,
         "SELECT count(*) FROM pg_inherits WHERE inhparent = 'tollgate.requests'::regclass",

@@ -37,7 +37,11 @@ def test_non_streaming_body() -> None:
     usage, model = parse([JSON_BODY], streamed=False)
     assert model == "gpt-4o-2024-08-06"
     assert usage == TokenUsage(
-        input_tokens=1117, cached_input_tokens=0, output_tokens=46, reasoning_tokens=0, total_tokens=1163
+        input_tokens=1117,
+        cached_input_tokens=0,
+        output_tokens=46,
+        reasoning_tokens=0,
+        total_tokens=1163,
     )
 
 
@@ -85,7 +89,10 @@ def test_malformed_json_body_reports_nothing() -> None:
 
 
 def test_usage_fields_of_wrong_type_stay_unset() -> None:
-    usage, _ = parse([b'{"usage": {"prompt_tokens": "12", "completion_tokens": true, "total_tokens": 7}}'], streamed=False)
+    usage, _ = parse(
+        [b'{"usage": {"prompt_tokens": "12", "completion_tokens": true, "total_tokens": 7}}'],
+        streamed=False,
+    )
     assert usage == TokenUsage(total_tokens=7)
 
 

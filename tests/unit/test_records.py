@@ -30,4 +30,5 @@ def test_unset_fields_become_null_not_zero() -> None:
     assert row["output_tokens"] == 0
     assert row["outcome"] == "usage_missing"
     assert row["created_at"].microsecond == 1
-    assert row["tags"] == [] and row["units"] is None
+    assert row["tags"] == []
+    assert row["units"] is None

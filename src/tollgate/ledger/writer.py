@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from decimal import Decimal
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool

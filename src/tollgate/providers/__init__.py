@@ -1,4 +1,4 @@
-"""Usage parsers, one per provider × endpoint, each incremental over the response body."""
+"""Usage parsers, one per provider and endpoint, each incremental over the response body."""
 
 from __future__ import annotations
 

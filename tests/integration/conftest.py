@@ -1,0 +1,139 @@
+"""Integration fixtures: the real `tollgate up` process (Envoy from the wheel, real gRPC) and a
+recording fake upstream, both as child processes; the ledger on the session's real Postgres."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tollgate.localstack import FakeProviderProcess, free_port
+
+
+@dataclass
+class FakeUpstream:
+    process: FakeProviderProcess
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    def recorded(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + "/_fake/requests", timeout=5) as r:
+            return json.loads(r.read())
+
+    def clear(self) -> None:
+        req = urllib.request.Request(self.url + "/_fake/requests", method="DELETE")
+        with urllib.request.urlopen(req, timeout=5):
+            pass
+
+
+@pytest.fixture
+def fake_upstream(tmp_path: Path) -> Iterator[FakeUpstream]:
+    fake = FakeProviderProcess(free_port(), log_path=tmp_path / "fake.log")
+    fake.start()
+    yield FakeUpstream(fake)
+    fake.stop()
+
+
+class TollgateProcess:
+    """`python -m tollgate <command>` as a child, with its stdout lines readable as they come."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tollgate", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+
+    def wait_for_line(self, needle: str, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if needle in self.lines.get(timeout=0.2):
+                    return
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+        raise AssertionError(f"never saw {needle!r}; output:\n{''.join(self.output)}")
+
+    def terminate(self, timeout_s: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise
+        finally:
+            self._reader.join(5)
+            assert self.proc.stdout is not None
+            self.proc.stdout.close()
+
+
+@dataclass
+class RunningTollgate:
+    process: TollgateProcess
+    envoy_url: str
+    env: dict[str, str]
+    state_dir: Path
+
+
+def tollgate_env(state_dir: Path, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    env.update(
+        TOLLGATE_STATE_DIR=str(state_dir),
+        TOLLGATE_GRPC_ADDRESS=f"127.0.0.1:{free_port()}",
+        TOLLGATE_METRICS_ADDRESS=f"127.0.0.1:{free_port()}",
+        TOLLGATE_ENVOY_LISTEN_PORT=str(free_port()),
+        TOLLGATE_ENVOY_ADMIN_PORT="0",
+    )
+    env.update({f"TOLLGATE_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+@pytest.fixture
+def tollgate_up(
+    tmp_path: Path, database_url: str, fake_upstream: FakeUpstream
+) -> Iterator[RunningTollgate]:
+    """`tollgate up` against the fake upstream, ledger in a fresh database."""
+    env = tollgate_env(
+        tmp_path / "state", database_url=database_url, upstream_url=fake_upstream.url
+    )
+    process = TollgateProcess(["up"], env)
+    try:
+        process.wait_for_line("tollgate is ready")
+        yield RunningTollgate(
+            process,
+            f"http://127.0.0.1:{env['TOLLGATE_ENVOY_LISTEN_PORT']}/v1",
+            env,
+            tmp_path / "state",
+        )
+    finally:
+        process.terminate()

@@ -1,0 +1,157 @@
+"""Process lifecycle: `up` stops everything on SIGTERM, leaves nothing on SIGKILL; `demo` runs
+from nothing to a per-user table and leaves no process behind; Envoy fails closed."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.integration.conftest import FakeUpstream, TollgateProcess, tollgate_env
+from tollgate.config import load_settings
+from tollgate.envoyconf import render_yaml
+from tollgate.localstack import EnvoyProcess, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    _gone, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    return alive
+
+
+def processes_using(path: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if any(str(path) in part for part in cmdline):
+            found.append(proc)
+    return found
+
+
+def start_up_with_embedded_postgres(tmp_path: Path, fake: FakeUpstream) -> TollgateProcess:
+    env = tollgate_env(tmp_path / "state", upstream_url=fake.url)
+    process = TollgateProcess(["up"], env)
+    process.wait_for_line("tollgate is ready", timeout_s=90)
+    return process
+
+
+def kinds(procs: list[psutil.Process]) -> set[str]:
+    names = set()
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            names.add(p.name())
+    return names
+
+
+def test_sigterm_stops_envoy_postgres_and_extproc_within_10s(
+    tmp_path: Path, fake_upstream: FakeUpstream
+) -> None:
+    up = start_up_with_embedded_postgres(tmp_path, fake_upstream)
+    children = descendants(up.proc.pid)
+    assert {"envoy", "postgres"} <= kinds(children), kinds(children)
+    began = time.monotonic()
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.terminate(timeout_s=10) == 0
+    alive = wait_gone(children, timeout_s=max(0.0, 10 - (time.monotonic() - began)))
+    elapsed = time.monotonic() - began
+    assert alive == [], f"still running after {elapsed:.1f}s: {alive}"
+    assert elapsed < 10
+    assert processes_using(tmp_path / "state") == []
+
+
+def test_sigkill_leaves_no_orphans(tmp_path: Path, fake_upstream: FakeUpstream) -> None:
+    up = start_up_with_embedded_postgres(tmp_path, fake_upstream)
+    children = descendants(up.proc.pid)
+    up.proc.kill()
+    up.proc.wait(5)
+    assert wait_gone(children, timeout_s=10) == []
+    up.terminate()
+
+
+def test_envoy_fails_closed_when_tollgate_is_down(
+    tmp_path: Path, fake_upstream: FakeUpstream
+) -> None:
+    dead_port = free_port()  # nothing listens here: Tollgate is "down"
+    settings = load_settings(
+        environ={},
+        grpc_address=f"127.0.0.1:{dead_port}",
+        envoy_listen_port=free_port(),
+        envoy_admin_port=0,
+        upstream_url=fake_upstream.url,
+    )
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render_yaml(settings))
+    envoy = EnvoyProcess(config, log_path=tmp_path / "envoy.log")
+    envoy.start()
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{settings.envoy_listen_port}/v1/chat/completions",
+            data=b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}',
+            headers={"content-type": "application/json", "x-tollgate-user-id": "u1"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as failure:
+            urllib.request.urlopen(request, timeout=10)
+        assert failure.value.code >= 500
+        failure.value.close()
+    finally:
+        envoy.stop()
+    recorded = fake_upstream.recorded()
+    assert recorded["requests"] == []
+    assert recorded["connections"] == 0
+
+
+def test_demo_from_nothing(tmp_path: Path) -> None:
+    state = tmp_path / "demo-state"
+    env = tollgate_env(state)
+    result = subprocess.run(  # the 3-minute budget of the quick start is the timeout
+        [sys.executable, "-m", "tollgate", "demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = {
+        m.group(1): (
+            int(m.group(2)),
+            int(m.group(3).replace(",", "")),
+            int(m.group(4).replace(",", "")),
+        )
+        for m in re.finditer(
+            r"^(\w+)\s+(\d+)\s+([\d,]+)\s+([\d,]+)\s+[\d,]+\s+\$[\d.]+$", result.stdout, re.M
+        )
+    }
+    assert set(table) >= {"alice", "bob", "carol"}, result.stdout
+    assert all(inp > 0 and out > 0 for _req, inp, out in table.values())
+    assert [table[u][0] for u in ("alice", "bob", "carol")] == [3, 2, 1]
+    time.sleep(0.5)
+    assert processes_using(state) == []
+    # The ledger outlives the demo: `tollgate usage` reads it back from the embedded server.
+    usage = subprocess.run(
+        [sys.executable, "-m", "tollgate", "usage", "--by-user", "--format", "csv"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert usage.returncode == 0, usage.stderr
+    lines = usage.stdout.splitlines()
+    assert lines[0] == "end_user_id,requests,input_tokens,output_tokens,total_tokens,cost_usd"
+    assert {line.split(",")[0] for line in lines[1:]} == {"alice", "bob", "carol"}
+    assert processes_using(state) == []
