@@ -44,12 +44,13 @@ def _csv(rows: Sequence[Any], columns: Sequence[str]) -> str:
     return out.getvalue()
 
 
-def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+def _table(header: Sequence[str], lines: Sequence[Sequence[str]], text_columns: int) -> str:
+    """Aligned columns: the first ``text_columns`` to the left, numbers to the right."""
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
 
     def fmt(cells: Sequence[str]) -> str:
         return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
+            c.ljust(w) if i < text_columns else c.rjust(w)
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
 
@@ -94,7 +95,7 @@ def format_requests(rows: Sequence[RequestRow], fmt: str) -> str:
         ]
         for r in rows
     ]
-    return _table(header, lines) if lines else "no matching requests\n"
+    return _table(header, lines, 4) if lines else "no matching requests\n"
 
 
 def format_user_totals(rows: Sequence[UserTotals], fmt: str) -> str:
@@ -122,4 +123,4 @@ def format_user_totals(rows: Sequence[UserTotals], fmt: str) -> str:
         ]
         for t in rows
     ]
-    return _table(header, lines) if lines else "no matching requests\n"
+    return _table(header, lines, 1) if lines else "no matching requests\n"
