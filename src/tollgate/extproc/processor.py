@@ -20,6 +20,7 @@ from tollgate.ledger.records import UsageRecord, new_request_id
 from tollgate.policy.headers import REQUEST_ID_HEADER, is_attribution_header
 from tollgate.policy.identity import Identity, resolve_from_headers
 from tollgate.providers import ParsedResponse, UsageParser, parser_for
+from tollgate.providers.usage import TOKEN_FIELDS
 from tollgate.v1 import usage_pb2
 
 __all__ = ["ProcessorContext", "RecordSink", "RequestProcessor", "header_map"]
@@ -169,14 +170,7 @@ class RequestProcessor:
             if parsed.model:
                 record.model = parsed.model
             usage = parsed.usage
-            for name in (
-                "input_tokens",
-                "cached_input_tokens",
-                "cache_write_tokens",
-                "output_tokens",
-                "reasoning_tokens",
-                "total_tokens",
-            ):
+            for name in TOKEN_FIELDS:
                 value = getattr(usage, name)
                 if value is not None:
                     setattr(record, name, value)

@@ -117,9 +117,9 @@ async def fetch_user_totals(
     cond, params = where.where()
     query = sql.SQL(
         "SELECT end_user_id, count(*) AS requests,"
-        " coalesce(sum(input_tokens), 0) AS input_tokens,"
-        " coalesce(sum(output_tokens), 0) AS output_tokens,"
-        " coalesce(sum(total_tokens), 0) AS total_tokens,"
+        " coalesce(sum(input_tokens), 0)::bigint AS input_tokens,"
+        " coalesce(sum(output_tokens), 0)::bigint AS output_tokens,"
+        " coalesce(sum(total_tokens), 0)::bigint AS total_tokens,"
         " sum(cost_usd) AS cost_usd"
         " FROM tollgate.requests WHERE {}"
         " GROUP BY end_user_id ORDER BY total_tokens DESC, end_user_id"

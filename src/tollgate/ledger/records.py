@@ -12,7 +12,15 @@ from typing import Any
 
 from tollgate.v1 import usage_pb2
 
-__all__ = ["COLUMNS", "OUTCOME_NAMES", "UsageRecord", "new_request_id", "optional", "record_to_row"]
+__all__ = [
+    "COLUMNS",
+    "OPTIONAL_SCALARS",
+    "OUTCOME_NAMES",
+    "UsageRecord",
+    "new_request_id",
+    "optional",
+    "record_to_row",
+]
 
 UsageRecord = usage_pb2.UsageRecord
 
@@ -57,27 +65,22 @@ COLUMNS: tuple[str, ...] = (
     "upstream_base_uri",
 )
 
-_OPTIONAL_SCALARS = (
-    "key_id",
-    "end_user_id",
-    "identity_source",
-    "provider",
-    "model",
-    "endpoint",
-    "status_code",
-    "block_reason",
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-    "latency_ms",
-    "ttft_ms",
-    "use_case_id",
-    "use_case_name",
-    "use_case_version",
-    "upstream_base_uri",
+# Columns that map 1:1 onto a proto3 ``optional`` scalar of UsageRecord (unset → NULL).
+OPTIONAL_SCALARS: tuple[str, ...] = tuple(
+    c
+    for c in COLUMNS
+    if c
+    not in {
+        "request_id",
+        "created_at",
+        "streamed",
+        "outcome",
+        "units",
+        "cost_usd",
+        "tags",
+        "limit_ids",
+        "logging_disabled",
+    }
 )
 
 
@@ -100,7 +103,7 @@ def optional(record: usage_pb2.UsageRecord, name: str) -> Any:
 
 def record_to_row(record: usage_pb2.UsageRecord, cost: Decimal | str | None) -> tuple[Any, ...]:
     """The values of ``COLUMNS`` for one record; unset optional fields become NULL."""
-    values: dict[str, Any] = {name: optional(record, name) for name in _OPTIONAL_SCALARS}
+    values: dict[str, Any] = {name: optional(record, name) for name in OPTIONAL_SCALARS}
     values["request_id"] = record.request_id
     values["created_at"] = record.created_at.ToDatetime(tzinfo=UTC)
     values["streamed"] = record.streamed

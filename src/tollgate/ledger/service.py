@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2
 from psycopg_pool import AsyncConnectionPool
 
 from tollgate.ledger.queries import RequestRow, UsageFilter, fetch_requests, fetch_user_totals
+from tollgate.ledger.records import OPTIONAL_SCALARS
 from tollgate.v1 import usage_pb2, usage_pb2_grpc
 
 __all__ = ["UsageServicer", "row_to_record"]
@@ -40,28 +41,7 @@ def row_to_record(row: RequestRow) -> usage_pb2.UsageRecord:
         logging_disabled=row.logging_disabled,
     )
     record.created_at.FromDatetime(row.created_at)
-    for name in (
-        "key_id",
-        "end_user_id",
-        "identity_source",
-        "provider",
-        "model",
-        "endpoint",
-        "status_code",
-        "block_reason",
-        "input_tokens",
-        "cached_input_tokens",
-        "cache_write_tokens",
-        "output_tokens",
-        "reasoning_tokens",
-        "total_tokens",
-        "latency_ms",
-        "ttft_ms",
-        "use_case_id",
-        "use_case_name",
-        "use_case_version",
-        "upstream_base_uri",
-    ):
+    for name in OPTIONAL_SCALARS:
         value = getattr(row, name)
         if value is not None:
             setattr(record, name, value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
-__all__ = ["ParsedResponse", "TokenUsage", "UsageParser"]
+__all__ = ["TOKEN_FIELDS", "ParsedResponse", "TokenUsage", "UsageParser"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,9 @@ class TokenUsage:
     @property
     def reported(self) -> bool:
         return any(getattr(self, f.name) is not None for f in fields(self))
+
+
+TOKEN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(TokenUsage))
 
 
 @dataclass(frozen=True)
