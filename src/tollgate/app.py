@@ -143,10 +143,6 @@ class Stack:
     def fake_provider(self) -> FakeProviderProcess | None:
         return self._r.fake
 
-    def child_pids(self) -> list[int]:
-        pids = [p.pid for p in (self._r.envoy, self._r.fake) if p is not None and p.pid]
-        return pids
-
     async def start(self) -> None:
         s = self.settings
         state = s.resolved_state_dir()

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -136,8 +137,9 @@ class ChildProcess:
             self._log_file = None
 
 
-def _wait_until(check: object, what: str, timeout_s: float, child: ChildProcess) -> None:
-    assert callable(check)
+def _wait_until(
+    check: Callable[[], bool], what: str, timeout_s: float, child: ChildProcess
+) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         child._check_alive()

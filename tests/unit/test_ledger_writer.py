@@ -165,3 +165,26 @@ async def test_monthly_partitions_exist(
         "SELECT count(*) FROM pg_inherits WHERE inhparent = 'tollgate.requests'::regclass",
     )
     assert rows[0][0] >= 5  # default + previous, current and two coming months
+
+
+async def test_writer_retries_until_postgres_can_take_the_batch(database_url: str) -> None:
+    # No schema yet: every write fails until the migrations run, then the batch lands once.
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+        database_url, open=False
+    )
+    await pool.open()
+    writer = make_writer(pool)
+    writer.start()
+    for i in range(5):
+        writer.submit(record("retry-user", i + 1, 1))
+    deadline = asyncio.get_running_loop().time() + 10
+    while writer.stats.failed_attempts < 2:
+        assert asyncio.get_running_loop().time() < deadline, "writer never attempted a write"
+        await asyncio.sleep(0.02)
+    await run_migrations(database_url)
+    await writer.close(timeout_s=10)
+    assert writer.stats.written == 5
+    assert await fetch(pool, "SELECT count(*), sum(input_tokens) FROM tollgate.requests") == [
+        (5, 15)
+    ]
+    await pool.close()

@@ -198,13 +198,15 @@ class LedgerWriter:
     async def _write_with_retry(self, batch: Sequence[UsageRecord]) -> None:
         rows = self._rows(batch)
         delay = 0.05
+        attempts = 0
         while True:
             try:
                 await self._store(rows)
                 return
             except (psycopg.Error, OSError) as exc:
+                attempts += 1
                 self.stats.failed_attempts += 1
-                if self._closing and self.stats.failed_attempts > 3:
+                if self._closing and attempts > 3:
                     log.error("giving up on %d records at shutdown: %s", len(batch), exc)
                     return
                 log.warning(
