@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import psycopg
@@ -79,8 +80,6 @@ async def run_migrations(url: str) -> list[str]:
 
 def upstream_provider(settings: Settings) -> str:
     """The provider name recorded (and priced) for the configured upstream."""
-    from urllib.parse import urlsplit
-
     host = urlsplit(settings.upstream_url).hostname or ""
     if host.endswith("anthropic.com"):
         return "anthropic"
@@ -134,14 +133,6 @@ class Stack:
     def pool(self) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
         assert self._r.pool is not None
         return self._r.pool
-
-    @property
-    def envoy(self) -> EnvoyProcess | None:
-        return self._r.envoy
-
-    @property
-    def fake_provider(self) -> FakeProviderProcess | None:
-        return self._r.fake
 
     async def start(self) -> None:
         s = self.settings

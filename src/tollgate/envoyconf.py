@@ -11,6 +11,7 @@ the request path.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -145,8 +146,6 @@ def _extproc_cluster(settings: Settings, target: EnvoyTarget) -> Cluster:
 
 
 def _is_ip(host: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(host)
     except ValueError:

@@ -153,25 +153,21 @@ class LedgerWriter:
                 await self._task
 
     async def _next_batch(self) -> list[UsageRecord]:
+        """Up to ``batch_size`` records: those queued now and those arriving within the
+        flush interval (none are waited for once closing). May be empty."""
         batch: list[UsageRecord] = []
         deadline = time.monotonic() + self._flush_interval_s
         while len(batch) < self._batch_size:
-            try:
+            if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
                 continue
-            except asyncio.QueueEmpty:
-                pass
             remaining = deadline - time.monotonic()
-            if batch and (remaining <= 0 or self._closing):
-                break
-            if not batch and self._closing:
+            if self._closing or remaining <= 0:
                 break
             try:
-                timeout = remaining if batch else self._flush_interval_s
-                batch.append(await asyncio.wait_for(self._queue.get(), max(timeout, 0.001)))
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
             except TimeoutError:
-                if batch:
-                    break
+                break
         return batch
 
     async def _run(self) -> None:
