@@ -21,6 +21,15 @@ __all__ = ["ConfigError", "Settings", "load_settings", "mask_url", "setting_docs
 
 ENV_PREFIX = "TOLLGATE_"
 
+IDENTITY_SOURCES: tuple[str, ...] = (
+    "jwt",
+    "key",
+    "header",
+    "body_user",
+    "body_safety_identifier",
+    "body_metadata_user_id",
+)
+
 
 class ConfigError(ValueError):
     """A setting has a value of the wrong type or outside its allowed range."""
@@ -95,6 +104,72 @@ class Settings:
         "Longest a record waits in the writer before its batch is sent, in milliseconds.",
     )
     log_level: str = _setting("info", "Log level: debug, info, warning or error.")
+    # -- identity and policy ------------------------------------------------------------------
+    identity_sources: tuple[str, ...] = _setting(
+        IDENTITY_SOURCES,
+        "Where the end-user id is looked for, first match wins (comma-separated in the "
+        "environment, a list in TOML). Sources: `jwt` (a claim of the JWT Envoy verified), "
+        "`key` (the user a gateway key is bound to), `header` (`x-tollgate-user-id` and its "
+        "aliases), `body_user`, `body_safety_identifier`, `body_metadata_user_id` (Anthropic). "
+        "The trusted sources (`jwt`, `key`) are always tried before the client-sent ones; "
+        "leave a source out to ignore it.",
+    )
+    enforce_user_id: bool = _setting(
+        False,
+        "Refuse requests that carry no end-user id (422 `user_id_required`) unless a gateway "
+        "key or the request's `x-tollgate-enforce-user-id` header says otherwise.",
+    )
+    enforce_override_may_disable: bool = _setting(
+        False,
+        "Whether a request's `x-tollgate-enforce-user-id: false` may switch enforcement off. "
+        "By default the header can only switch it on.",
+    )
+    strict_user_ids: bool = _setting(
+        False,
+        "Refuse end-user ids with characters outside `[A-Za-z0-9._:@-]` (422 `invalid_user_id`) "
+        "instead of recording them as sent.",
+    )
+    spoofed_user_id: str = _setting(
+        "ignore",
+        "What to do when a request has a trusted identity (JWT or key-bound user) and also "
+        "sends a different user id in a header or the body: `ignore` the client-sent one, or "
+        "`refuse` the request (403 `user_id_mismatch`).",
+    )
+    jwt_issuer: str = _setting(
+        "",
+        "Issuer (`iss`) of the end-user JWTs Envoy verifies with its `jwt_authn` filter. Empty "
+        "disables JWT identity. Needs `jwt_jwks_file` or `jwt_jwks_uri`.",
+    )
+    jwt_audiences: tuple[str, ...] = _setting(
+        (), "Accepted `aud` values of end-user JWTs; empty accepts any audience."
+    )
+    jwt_jwks_file: str = _setting(
+        "", "Path of a local JWKS file with the keys that sign end-user JWTs (read by Envoy)."
+    )
+    jwt_jwks_uri: str = _setting(
+        "",
+        "HTTPS URL of the identity provider's JWKS, fetched and cached by Envoy (used when "
+        "`jwt_jwks_file` is empty).",
+    )
+    jwt_header: str = _setting(
+        "x-tollgate-jwt",
+        "Request header that carries the end-user JWT (`Bearer ` prefix optional). Envoy "
+        "removes it before the upstream. Set to `authorization` when apps send the user's "
+        "token there and the gateway injects provider credentials.",
+    )
+    jwt_user_claim: str = _setting(
+        "sub", "JWT claim holding the end-user id; dots reach into objects (`user.id`)."
+    )
+    key_cache_refresh_s: int = _setting(
+        5,
+        "How often the in-memory gateway key cache is reloaded from Postgres, in seconds: "
+        "the longest a revoked key keeps working.",
+    )
+    log_bodies: bool = _setting(
+        False,
+        "Log request and response bodies (first 4 KiB each) on the `tollgate.bodies` logger, "
+        "for debugging. A request with `x-tollgate-logging-disable: true` is never logged.",
+    )
 
     def __repr__(self) -> str:
         parts = []
@@ -143,9 +218,27 @@ def _coerce(name: str, kind: Any, raw: Any) -> Any:
             if not isinstance(raw, str):
                 raise ValueError(raw)
             return raw
+        if kind_name == "bool":
+            return _bool(raw)
+        if kind_name == "tuple[str, ...]":
+            items = raw.split(",") if isinstance(raw, str) else raw
+            if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+                raise ValueError(raw)
+            return tuple(i.strip() for i in items if i.strip())
     except ValueError:
         raise ConfigError(f"setting {name!r}: expected {kind_name}, got {raw!r}") from None
     raise ConfigError(f"setting {name!r}: unsupported type {kind_name}")
+
+
+def _bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(raw)
 
 
 _ADDRESS = re.compile(r"^(unix:.+|[^:\s]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5})$")
@@ -171,6 +264,25 @@ def _validated(settings: Settings) -> Settings:
     for name in positive:
         if getattr(settings, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive")
+    unknown = [src for src in settings.identity_sources if src not in IDENTITY_SOURCES]
+    if unknown:
+        raise ConfigError(
+            f"identity_sources: unknown source(s) {unknown}; known: {', '.join(IDENTITY_SOURCES)}"
+        )
+    if settings.spoofed_user_id not in ("ignore", "refuse"):
+        raise ConfigError(
+            f"spoofed_user_id must be ignore or refuse, got {settings.spoofed_user_id!r}"
+        )
+    if settings.jwt_issuer and not (settings.jwt_jwks_file or settings.jwt_jwks_uri):
+        raise ConfigError("jwt_issuer is set but neither jwt_jwks_file nor jwt_jwks_uri is")
+    if settings.jwt_jwks_uri and urlsplit(settings.jwt_jwks_uri).scheme not in ("http", "https"):
+        raise ConfigError(f"jwt_jwks_uri must be an http(s) URL, got {settings.jwt_jwks_uri!r}")
+    if not re.fullmatch(r"[a-z0-9-]+", settings.jwt_header):
+        raise ConfigError(
+            f"jwt_header must be a lower-case header name, got {settings.jwt_header!r}"
+        )
+    if settings.key_cache_refresh_s <= 0:
+        raise ConfigError("setting 'key_cache_refresh_s' must be positive")
     if settings.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(
             f"log_level must be debug, info, warning or error, got {settings.log_level!r}"
