@@ -56,6 +56,30 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--by-user", action="store_true", help="totals per user instead of rows")
     usage.add_argument("--limit", type=int, default=10_000, help="most rows to print")
 
+    keys = sub.add_parser("keys", help="gateway keys: create, list, revoke")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys_sub.add_parser("create", help="create a key; it is shown once")
+    create.add_argument("--name", required=True, help="what the key is for (shown in lists)")
+    create.add_argument("--user", metavar="USER_ID", help="attribute every request to this user")
+    create.add_argument(
+        "--enforce-user-id",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="require an end-user id on this key's requests (default: the global setting)",
+    )
+    create.add_argument(
+        "--provider",
+        action="append",
+        metavar="PROVIDER",
+        help="allow only this provider (repeatable; default: any)",
+    )
+    create.add_argument("--format", choices=("text", "json"), default="text")
+    listing = keys_sub.add_parser("list", help="list keys (never their plaintext)")
+    listing.add_argument("--all", action="store_true", help="include revoked keys")
+    listing.add_argument("--format", choices=("table", "json"), default="table")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key (within key_cache_refresh_s)")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+
     fake = sub.add_parser("fake-provider", help="run the built-in fake OpenAI-compatible upstream")
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8090)
@@ -112,6 +136,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if command == "usage":
         return await _usage(args, settings)
+    if command == "keys":
+        return await _keys(args, settings)
     if command == "demo":
         return await _demo(settings)
     if command in ("up", "serve"):
@@ -132,6 +158,50 @@ async def _usage(args: argparse.Namespace, settings: Settings) -> int:
             out = format_user_totals(await fetch_user_totals(conn, where), args.format)
         else:
             out = format_requests(await fetch_requests(conn, where, limit=args.limit), args.format)
+    sys.stdout.write(out)
+    return 0
+
+
+async def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+
+    from tollgate.app import ledger_database, run_migrations
+    from tollgate.keys_report import format_created_key, format_key_list
+    from tollgate.policy.keys import GatewayKeyError, create_key, list_keys, revoke_key
+
+    action: str = args.keys_command
+    async with ledger_database(settings) as url:
+        await run_migrations(url)
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            if action == "create":
+                try:
+                    plaintext, key = await create_key(
+                        conn,
+                        name=args.name,
+                        end_user_id=args.user,
+                        enforce_user_id=args.enforce_user_id,
+                        allowed_providers=args.provider,
+                    )
+                except GatewayKeyError as exc:
+                    print(f"tollgate: {exc}", file=sys.stderr)
+                    return 2
+                out = format_created_key(plaintext, key, args.format)
+            elif action == "list":
+                out = format_key_list(await list_keys(conn, include_revoked=args.all), args.format)
+            elif action == "revoke":
+                if not await revoke_key(conn, args.key_id):
+                    print(
+                        f"tollgate: no active gateway key {args.key_id!r}"
+                        " (unknown or already revoked)",
+                        file=sys.stderr,
+                    )
+                    return 1
+                out = (
+                    f"revoked {args.key_id}; Tollgate stops accepting it within about"
+                    f" {settings.key_cache_refresh_s}s\n"
+                )
+            else:
+                raise AssertionError(action)
     sys.stdout.write(out)
     return 0
 
