@@ -1,11 +1,14 @@
 """Renders Envoy's bootstrap for Tollgate from settings, with envoy-data-plane's typed config.
 
 One listener with the ext_proc filter (fail closed) in front of the router, a cluster for
-Tollgate's gRPC server and one for the upstream provider. Targets differ only in where
-things are: ``local`` (everything on 127.0.0.1, as `tollgate up` runs it), ``compose``
-(Tollgate reachable as the ``tollgate`` service) and ``kubernetes`` (Tollgate as a sidecar on
-127.0.0.1 of the pod). These classes are for building configuration only: they never touch
-the request path.
+Tollgate's gRPC server and one for the upstream provider. With ``jwt_issuer`` set, Envoy's
+``jwt_authn`` filter runs first: it verifies an end-user JWT if one is sent (a bad one gets
+Envoy's own 401, or 403 for a wrong audience), removes it from the request and hands the
+verified payload to ext_proc as metadata (:data:`JWT_METADATA_NAMESPACE`, key
+:data:`JWT_PAYLOAD_KEY`). Targets differ only in where things are: ``local`` (everything on
+127.0.0.1, as `tollgate up` runs it), ``compose`` (Tollgate reachable as the ``tollgate``
+service) and ``kubernetes`` (Tollgate as a sidecar on 127.0.0.1 of the pod). These classes
+are for building configuration only: they never touch the request path.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     GrpcService,
     GrpcServiceEnvoyGrpc,
     Http2ProtocolOptions,
+    HttpUri,
     Pipe,
     SocketAddress,
     TransportSocket,
@@ -50,9 +54,21 @@ from envoy_data_plane.envoy.config.route.v3 import (
 )
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
+    MetadataOptions,
+    MetadataOptionsMetadataNamespaces,
     ProcessingMode,
     ProcessingModeBodySendMode,
     ProcessingModeHeaderSendMode,
+)
+from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
+    JwksAsyncFetch,
+    JwtAuthentication,
+    JwtHeader,
+    JwtProvider,
+    JwtRequirement,
+    JwtRequirementOrList,
+    RemoteJwks,
+    RequirementRule,
 )
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -73,14 +89,32 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 )
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.google.protobuf import Any as AnyProto
+from envoy_data_plane.google.protobuf import Empty
 
 from tollgate.config import Settings
+from tollgate.policy.identity import JWT_METADATA_NAMESPACE, JWT_PAYLOAD_KEY
 
-__all__ = ["TARGETS", "EnvoyTarget", "render_bootstrap", "render_yaml"]
+__all__ = [
+    "JWT_METADATA_NAMESPACE",
+    "JWT_PAYLOAD_KEY",
+    "TARGETS",
+    "EnvoyTarget",
+    "render_bootstrap",
+    "render_yaml",
+]
 
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 EXTPROC_CLUSTER = "tollgate_extproc"
 UPSTREAM_CLUSTER = "upstream"
+JWKS_CLUSTER = "tollgate_jwks"
+
+#: Provider for ``<jwt_header>: Bearer <token>``.
+JWT_PROVIDER = "tollgate_users"
+#: Provider for a bare ``<jwt_header>: <token>`` (custom headers only).
+JWT_BARE_PROVIDER = "tollgate_users_bare"
+BEARER_PREFIX = "Bearer "
+JWKS_FETCH_TIMEOUT_S = 5
+JWKS_CACHE_DURATION_S = 300
 
 
 @dataclass(frozen=True)
@@ -153,38 +187,112 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _upstream_cluster(settings: Settings) -> Cluster:
-    url = urlsplit(settings.upstream_url)
-    host = url.hostname or ""
-    tls = url.scheme == "https"
-    port = url.port or (443 if tls else 80)
+def _url_cluster(name: str, url: str, connect_timeout_s: float) -> Cluster:
+    """A cluster for the host of an http(s) URL; https is verified (system CAs, SNI, SAN)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
     cluster = Cluster(
-        name=UPSTREAM_CLUSTER,
+        name=name,
         type=ClusterDiscoveryType.STATIC if _is_ip(host) else ClusterDiscoveryType.LOGICAL_DNS,
         dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
-        connect_timeout=_seconds(10),
-        per_connection_buffer_limit_bytes=settings.max_body_bytes,
-        load_assignment=_cluster_load(UPSTREAM_CLUSTER, _socket(host, port)),
+        connect_timeout=_seconds(connect_timeout_s),
+        load_assignment=_cluster_load(name, _socket(host, port)),
     )
     if tls:
-        context = UpstreamTlsContext(
-            sni=host,
-            common_tls_context=CommonTlsContext(
-                validation_context=CertificateValidationContext(
-                    trusted_ca=DataSource(filename=SYSTEM_CA_BUNDLE),
-                    match_typed_subject_alt_names=[
-                        SubjectAltNameMatcher(
-                            san_type=SubjectAltNameMatcherSanType.DNS,
-                            matcher=StringMatcher(exact=host),
-                        )
-                    ],
-                )
-            ),
-        )
-        cluster.transport_socket = TransportSocket(
-            name="envoy.transport_sockets.tls", typed_config=AnyProto.pack(context)
-        )
+        cluster.transport_socket = _verified_tls(host)
     return cluster
+
+
+def _verified_tls(host: str) -> TransportSocket:
+    context = UpstreamTlsContext(
+        sni=host,
+        common_tls_context=CommonTlsContext(
+            validation_context=CertificateValidationContext(
+                trusted_ca=DataSource(filename=SYSTEM_CA_BUNDLE),
+                match_typed_subject_alt_names=[
+                    SubjectAltNameMatcher(
+                        san_type=SubjectAltNameMatcherSanType.DNS,
+                        matcher=StringMatcher(exact=host),
+                    )
+                ],
+            )
+        ),
+    )
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=AnyProto.pack(context))
+
+
+def _upstream_cluster(settings: Settings) -> Cluster:
+    cluster = _url_cluster(UPSTREAM_CLUSTER, settings.upstream_url, connect_timeout_s=10)
+    cluster.per_connection_buffer_limit_bytes = settings.max_body_bytes
+    return cluster
+
+
+def _jwks_cluster(settings: Settings) -> Cluster | None:
+    """The cluster Envoy fetches the remote JWKS through; None when a local file is used."""
+    if not settings.jwt_issuer or settings.jwt_jwks_file or not settings.jwt_jwks_uri:
+        return None
+    return _url_cluster(JWKS_CLUSTER, settings.jwt_jwks_uri, connect_timeout_s=JWKS_FETCH_TIMEOUT_S)
+
+
+def _jwt_provider(settings: Settings, value_prefix: str) -> JwtProvider:
+    local = DataSource(filename=settings.jwt_jwks_file) if settings.jwt_jwks_file else None
+    remote = None
+    if local is None:
+        remote = RemoteJwks(
+            http_uri=HttpUri(
+                uri=settings.jwt_jwks_uri,
+                cluster=JWKS_CLUSTER,
+                timeout=_seconds(JWKS_FETCH_TIMEOUT_S),
+            ),
+            cache_duration=_seconds(JWKS_CACHE_DURATION_S),
+            # Fetch in the background: start-up does not wait for the identity provider.
+            async_fetch=JwksAsyncFetch(fast_listener=True),
+        )
+    return JwtProvider(
+        issuer=settings.jwt_issuer,
+        audiences=list(settings.jwt_audiences),
+        local_jwks=local,
+        remote_jwks=remote,
+        from_headers=[JwtHeader(name=settings.jwt_header, value_prefix=value_prefix)],
+        # Remove the token from the request once verified: it never reaches the upstream.
+        forward=False,
+        payload_in_metadata=JWT_PAYLOAD_KEY,
+    )
+
+
+def _jwt_filter(settings: Settings) -> HttpFilter:
+    """Envoy's jwt_authn: a token is optional, but one that is sent must verify.
+
+    Envoy answers a token that does not verify itself: 401, or 403 for a wrong audience.
+    A ``value_prefix`` is required where it is set (a value without it is not extracted, so
+    it would pass unverified), and one provider with two header entries rejects ``Bearer
+    <token>`` (both entries extract a token and every extracted token must verify). So a
+    custom header gets two providers, one per form, and the request passes if either
+    verifies; ``authorization`` keeps the standard ``Bearer`` form only.
+    """
+    bearer = {JWT_PROVIDER: _jwt_provider(settings, BEARER_PREFIX)}
+    bare: dict[str, JwtProvider] = {}
+    if settings.jwt_header != "authorization":
+        bare[JWT_BARE_PROVIDER] = _jwt_provider(settings, "")
+    # When all fail, Envoy reports the last real error (not "missing") of the list, so the
+    # bare form goes first: a bad `Bearer <token>` then gets the error of its own check.
+    requirements = [JwtRequirement(provider_name=name) for name in [*bare, *bearer]]
+    # allow_missing, not allow_missing_or_failed: no token passes, an invalid one does not.
+    requirements.append(JwtRequirement(allow_missing=Empty()))
+    config = JwtAuthentication(
+        providers=bearer | bare,
+        rules=[
+            RequirementRule(
+                match=RouteMatch(prefix="/"),
+                requires=JwtRequirement(
+                    requires_any=JwtRequirementOrList(requirements=requirements)
+                ),
+            )
+        ],
+    )
+    return HttpFilter(name="envoy.filters.http.jwt_authn", typed_config=AnyProto.pack(config))
 
 
 def _ext_proc_filter(settings: Settings) -> HttpFilter:
@@ -204,6 +312,13 @@ def _ext_proc_filter(settings: Settings) -> HttpFilter:
         # Tollgate asks for bodies per request (SSE streamed, JSON buffered).
         allow_mode_override=True,
     )
+    if settings.jwt_issuer:
+        # The verified JWT payload arrives in the request-headers message's metadata_context.
+        ext_proc.metadata_options = MetadataOptions(
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(
+                untyped=[JWT_METADATA_NAMESPACE]
+            )
+        )
     return HttpFilter(name="envoy.filters.http.ext_proc", typed_config=AnyProto.pack(ext_proc))
 
 
@@ -228,6 +343,7 @@ def _connection_manager(settings: Settings) -> HttpConnectionManager:
             virtual_hosts=[VirtualHost(name="upstream", domains=["*"], routes=[route])],
         ),
         http_filters=[
+            *([_jwt_filter(settings)] if settings.jwt_issuer else []),
             _ext_proc_filter(settings),
             HttpFilter(name="envoy.filters.http.router", typed_config=AnyProto.pack(Router())),
         ],
@@ -254,12 +370,13 @@ def render_bootstrap(settings: Settings, target: str = "local") -> Bootstrap:
             )
         ],
     )
+    clusters = [_extproc_cluster(settings, where), _upstream_cluster(settings)]
+    jwks = _jwks_cluster(settings)
+    if jwks is not None:
+        clusters.append(jwks)
     return Bootstrap(
         admin=Admin(address=_socket(where.admin_address, settings.envoy_admin_port)),
-        static_resources=BootstrapStaticResources(
-            listeners=[listener],
-            clusters=[_extproc_cluster(settings, where), _upstream_cluster(settings)],
-        ),
+        static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters),
     )
 
 
