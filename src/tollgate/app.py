@@ -27,7 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from tollgate.config import Settings, mask_url
 from tollgate.envoyconf import render_yaml
-from tollgate.extproc.processor import ProcessorContext, RequestProcessor
+from tollgate.extproc.processor import PolicyConfig, ProcessorContext, RequestProcessor
 from tollgate.extproc.server import ExternalProcessorServicer
 from tollgate.ledger.migrate import apply_migrations
 from tollgate.ledger.service import UsageServicer
@@ -40,6 +40,7 @@ from tollgate.localstack import (
     running_postgres_url,
 )
 from tollgate.metrics import start_metrics_server
+from tollgate.policy.keys import KeyCache
 from tollgate.v1 import usage_pb2_grpc
 
 __all__ = ["Stack", "StackOptions", "ledger_database", "run_migrations", "upstream_provider"]
@@ -111,6 +112,8 @@ class _Running:
     fake: FakeProviderProcess | None = None
     metrics_stop: Callable[[], None] | None = None
     extproc: ExternalProcessorServicer | None = None
+    keys: KeyCache | None = None
+    key_refresher: asyncio.Task[None] | None = None
     exits: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
 
@@ -146,6 +149,7 @@ class Stack:
                 log.info("applied migrations: %s", ", ".join(applied))
             await self._start_pool()
             self._start_writer()
+            await self._start_key_cache()
             # Children are forked before gRPC starts its threads (fork with them is unsafe).
             grpc_address = _concrete_address(s.grpc_address)
             if self.options.fake_provider_port is not None:
@@ -177,6 +181,22 @@ class Stack:
         )
         self._r.writer.start()
 
+    async def _start_key_cache(self) -> None:
+        """Load the gateway keys before serving, then reload them in the background."""
+        keys = KeyCache()
+        async with self.pool.connection() as conn:
+            count = await keys.refresh(conn)
+        log.info("gateway keys: %d active", count)
+        self._r.keys = keys
+        self._r.key_refresher = asyncio.create_task(
+            keys.run(self.pool, self.settings.key_cache_refresh_s), name="tollgate-key-cache"
+        )
+
+    @property
+    def keys(self) -> KeyCache:
+        assert self._r.keys is not None
+        return self._r.keys
+
     async def _start_grpc(self, address: str) -> None:
         s = self.settings
         max_message = s.max_body_bytes + _GRPC_OVERHEAD_BYTES
@@ -191,6 +211,8 @@ class Stack:
             sink=self.writer,
             provider=upstream_provider(s),
             upstream_base_uri=s.upstream_url.rstrip("/"),
+            policy=PolicyConfig.from_settings(s),
+            keys=self.keys,
         )
         extproc = ExternalProcessorServicer(lambda: RequestProcessor(context))
         ep_grpc.add_ExternalProcessorServicer_to_server(extproc, server)
@@ -228,6 +250,10 @@ class Stack:
             await r.server.stop(grace_s)
         if r.fake is not None:
             await asyncio.to_thread(r.fake.stop)
+        if r.key_refresher is not None:
+            r.key_refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await r.key_refresher
         if r.writer is not None:
             await r.writer.close(timeout_s=5.0)
         if r.metrics_stop is not None:

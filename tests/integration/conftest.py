@@ -3,6 +3,7 @@ recording fake upstream, both as child processes; the ledger on the session's re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from tollgate.localstack import FakeProviderProcess, free_port
 
@@ -118,22 +121,62 @@ def tollgate_env(state_dir: Path, **settings: str) -> dict[str, str]:
     return env
 
 
+def wait_for_rows(
+    url: str, where: str, params: tuple[Any, ...], count: int, timeout_s: float
+) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        while True:
+            rows = conn.execute(
+                f"SELECT * FROM tollgate.requests WHERE {where} ORDER BY created_at", params
+            ).fetchall()
+            if len(rows) >= count or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def running_tollgate(
+    state_dir: Path, database_url: str, upstream: FakeUpstream, **settings: str
+) -> Iterator[RunningTollgate]:
+    """`tollgate up` against ``upstream`` with extra settings, stopped at the end."""
+    env = tollgate_env(state_dir, database_url=database_url, upstream_url=upstream.url, **settings)
+    process = TollgateProcess(["up"], env)
+    try:
+        process.wait_for_line("tollgate is ready")
+        yield RunningTollgate(
+            process, f"http://127.0.0.1:{env['TOLLGATE_ENVOY_LISTEN_PORT']}/v1", env, state_dir
+        )
+    finally:
+        process.terminate()
+
+
+def tollgate_command(env: dict[str, str], *args: str) -> str:
+    """Run a one-shot `tollgate` command with ``env``; its stdout (fails on a non-zero exit)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tollgate", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, f"tollgate {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+def create_key(env: dict[str, str], name: str, *options: str) -> tuple[str, str]:
+    """(plaintext, key_id) of a new gateway key made with `tollgate keys create`."""
+    made = json.loads(
+        tollgate_command(env, "keys", "create", "--name", name, "--format", "json", *options)
+    )
+    return made["key"], made["key_id"]
+
+
 @pytest.fixture
 def tollgate_up(
     tmp_path: Path, database_url: str, fake_upstream: FakeUpstream
 ) -> Iterator[RunningTollgate]:
     """`tollgate up` against the fake upstream, ledger in a fresh database."""
-    env = tollgate_env(
-        tmp_path / "state", database_url=database_url, upstream_url=fake_upstream.url
-    )
-    process = TollgateProcess(["up"], env)
-    try:
-        process.wait_for_line("tollgate is ready")
-        yield RunningTollgate(
-            process,
-            f"http://127.0.0.1:{env['TOLLGATE_ENVOY_LISTEN_PORT']}/v1",
-            env,
-            tmp_path / "state",
-        )
-    finally:
-        process.terminate()
+    with running_tollgate(tmp_path / "state", database_url, fake_upstream) as running:
+        yield running

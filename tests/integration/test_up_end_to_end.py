@@ -6,33 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-from typing import Any
 
 import openai
 import psycopg
 import pytest
-from psycopg.rows import dict_row
 
-from tests.integration.conftest import FakeUpstream, RunningTollgate
+from tests.integration.conftest import FakeUpstream, RunningTollgate, wait_for_rows
 
 pytestmark = pytest.mark.integration
 
 ATTRIBUTION = {"x-tollgate-user-id", "x-proxyify-user-id", "xproxy-user-id"}
-
-
-def wait_for_rows(
-    url: str, where: str, params: tuple[Any, ...], count: int, timeout_s: float
-) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout_s
-    with psycopg.connect(url, row_factory=dict_row) as conn:
-        while True:
-            rows = conn.execute(
-                f"SELECT * FROM tollgate.requests WHERE {where} ORDER BY created_at", params
-            ).fetchall()
-            if len(rows) >= count or time.monotonic() > deadline:
-                return rows
-            time.sleep(0.05)
 
 
 def test_sdk_call_is_attributed_and_header_never_reaches_upstream(

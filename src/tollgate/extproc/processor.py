@@ -13,32 +13,97 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from tollgate.config import Settings
 from tollgate.extproc import responses
+from tollgate.extproc.request_body import is_json_content_type, read_json_body
 from tollgate.ledger.records import UsageRecord, new_request_id
-from tollgate.policy.headers import REQUEST_ID_HEADER, is_attribution_header
-from tollgate.policy.identity import Identity, resolve_from_headers
+from tollgate.policy.attribution import RequestAttribution, parse_attribution
+from tollgate.policy.headers import LIST_HEADERS, REQUEST_ID_HEADER
+from tollgate.policy.identity import (
+    JWT_METADATA_NAMESPACE,
+    JWT_PAYLOAD_KEY,
+    Identity,
+    IdentityResolver,
+    body_candidates,
+    header_candidate,
+    jwt_claim,
+)
+from tollgate.policy.keys import GatewayKey
+from tollgate.policy.refusal import PolicyRefusal
 from tollgate.providers import ParsedResponse, UsageParser, parser_for
 from tollgate.providers.usage import TOKEN_FIELDS
 from tollgate.v1 import usage_pb2
 
-__all__ = ["ProcessorContext", "RecordSink", "RequestProcessor", "header_map"]
+__all__ = [
+    "KeyLookup",
+    "PolicyConfig",
+    "ProcessorContext",
+    "RecordSink",
+    "RequestProcessor",
+    "header_map",
+]
 
 log = logging.getLogger(__name__)
+body_log = logging.getLogger("tollgate.bodies")
+
+# How much of a request or response body ``log_bodies`` writes to the log.
+BODY_LOG_BYTES = 4096
 
 
 class RecordSink(Protocol):
     def submit(self, record: UsageRecord) -> bool: ...
 
 
+class KeyLookup(Protocol):
+    def lookup(self, token: bytes) -> GatewayKey | None: ...
+
+
+class _NoKeys:
+    def lookup(self, token: bytes) -> GatewayKey | None:
+        return None
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The identity and enforcement policy every request is held to."""
+
+    resolver: IdentityResolver = field(
+        default_factory=lambda: IdentityResolver(("jwt", "key", "header"))
+    )
+    enforce_user_id: bool = False
+    enforce_override_may_disable: bool = False
+    jwt_user_claim: str = "sub"
+    max_body_bytes: int = 32 * 1024 * 1024
+    log_bodies: bool = False
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> PolicyConfig:
+        return cls(
+            resolver=IdentityResolver(
+                s.identity_sources,
+                strict=s.strict_user_ids,
+                refuse_spoofing=s.spoofed_user_id == "refuse",
+            ),
+            enforce_user_id=s.enforce_user_id,
+            enforce_override_may_disable=s.enforce_override_may_disable,
+            jwt_user_claim=s.jwt_user_claim,
+            max_body_bytes=s.max_body_bytes,
+            log_bodies=s.log_bodies,
+        )
+
+
 @dataclass(frozen=True)
 class ProcessorContext:
-    """What every processor shares: where records go and the static route facts."""
+    """What every processor shares: where records go, the policy, the static route facts."""
 
     sink: RecordSink
     provider: str
     upstream_base_uri: str
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    keys: KeyLookup = field(default_factory=_NoKeys)
     monotonic_ns: Callable[[], int] = field(default=time.monotonic_ns)
     wall_ns: Callable[[], int] = field(default=time.time_ns)
 
@@ -46,13 +111,17 @@ class ProcessorContext:
 def header_map(headers: ep.HttpHeaders) -> dict[str, bytes]:
     """Header name → value bytes (``raw_value``; values are not always UTF-8).
 
-    A repeated header keeps its values joined with ``,`` as HTTP allows for list headers.
+    A repeated list header (tags, limit ids) keeps its values joined with ``,``; for any other
+    repeated header the first value counts.
     """
     out: dict[str, bytes] = {}
     for h in headers.headers.headers:
         value = h.raw_value if h.raw_value else h.value.encode("utf-8")
         key = h.key.lower()
-        out[key] = out[key] + b"," + value if key in out else value
+        if key not in out:
+            out[key] = value
+        elif key in LIST_HEADERS:
+            out[key] += b"," + value
     return out
 
 
@@ -66,6 +135,13 @@ class RequestProcessor:
         self._request_id = new_request_id(wall_ns // 1_000_000)
         self._created_us = wall_ns // 1000
         self._identity: Identity | None = None
+        self._attribution = RequestAttribution()
+        self._key: GatewayKey | None = None
+        self._candidates: dict[str, str] = {}
+        self._content_encoding: bytes | None = None
+        self._awaiting_body = False
+        self._block_reason: str | None = None
+        self._response_sample: bytearray | None = None
         self._endpoint: str | None = None
         self._status: int | None = None
         self._streamed = False
@@ -79,20 +155,119 @@ class RequestProcessor:
 
     # -- phases -----------------------------------------------------------------------------
 
-    def request_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+    def request_headers(
+        self, msg: ep.HttpHeaders, metadata: base_pb2.Metadata | None = None
+    ) -> ep.ProcessingResponse:
         headers = header_map(msg)
         path = headers.get(":path", b"/").decode("utf-8", "replace")
         self._endpoint = path.split("?", 1)[0]
-        self._identity = resolve_from_headers(headers)
-        strip = sorted(name for name in headers if is_attribution_header(name))
-        return responses.continue_request_headers(
-            remove=strip,
-            # Usage can only be read from an uncompressed body.
-            set_headers=[("accept-encoding", b"identity")],
+        policy = self._ctx.policy
+        try:
+            self._attribution = att = parse_attribution(headers)
+            self._candidates = self._header_candidates(headers, metadata)
+        except PolicyRefusal as refusal:
+            return self._refuse(refusal)
+        remove = att.strip
+        # Usage can only be read from an uncompressed body.
+        set_headers = [("accept-encoding", b"identity"), *att.forwards]
+        self._content_encoding = headers.get("content-encoding")
+        wants_body = policy.resolver.wants_body(self._candidates) or (
+            policy.log_bodies and not att.logging_disabled
         )
+        if (
+            wants_body
+            and not msg.end_of_stream
+            and is_json_content_type(headers.get("content-type"))
+        ):
+            self._awaiting_body = True
+            return responses.continue_request_headers(
+                remove=remove, set_headers=set_headers, request_body_mode=responses.BODY_BUFFERED
+            )
+        try:
+            self._decide()
+        except PolicyRefusal as refusal:
+            return self._refuse(refusal)
+        return responses.continue_request_headers(remove=remove, set_headers=set_headers)
 
     def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        if not self._awaiting_body:
+            return responses.continue_request_body()
+        self._awaiting_body = False
+        policy = self._ctx.policy
+        try:
+            document = read_json_body(msg.body, self._content_encoding, policy.max_body_bytes)
+            if policy.log_bodies and not self._attribution.logging_disabled:
+                body_log.info("request %s body: %r", self._request_id, msg.body[:BODY_LOG_BYTES])
+            for source, user_id in body_candidates(document).items():
+                if policy.resolver.uses(source):
+                    self._candidates[source] = user_id
+            self._decide()
+        except PolicyRefusal as refusal:
+            return self._refuse(refusal)
         return responses.continue_request_body()
+
+    def _header_candidates(
+        self, headers: dict[str, bytes], metadata: base_pb2.Metadata | None
+    ) -> dict[str, str]:
+        """Identity candidates known from the headers (and the JWT Envoy verified).
+
+        Looks the gateway key up, which may refuse the request.
+        """
+        policy = self._ctx.policy
+        candidates: dict[str, str] = {}
+        token = self._attribution.gateway_token
+        if token is not None:
+            self._key = self._ctx.keys.lookup(token)
+            if self._key is None:
+                raise PolicyRefusal.invalid_gateway_key()
+            allowed = self._key.allowed_providers
+            if allowed is not None and self._ctx.provider not in allowed:
+                raise PolicyRefusal.provider_not_allowed(self._ctx.provider)
+            if self._key.end_user_id:
+                candidates["key"] = self._key.end_user_id
+        if metadata is not None and JWT_METADATA_NAMESPACE in metadata.filter_metadata:
+            jwt_fields = metadata.filter_metadata[JWT_METADATA_NAMESPACE].fields
+            if JWT_PAYLOAD_KEY in jwt_fields:
+                claim = jwt_claim(jwt_fields[JWT_PAYLOAD_KEY].struct_value, policy.jwt_user_claim)
+                if claim is not None:
+                    candidates["jwt"] = claim
+        header_id = header_candidate(headers)
+        if header_id is not None:
+            candidates["header"] = header_id
+        return {s: v for s, v in candidates.items() if policy.resolver.uses(s)}
+
+    def _decide(self) -> None:
+        """Settle the end user and enforcement; raises :class:`PolicyRefusal` to refuse."""
+        resolver = self._ctx.policy.resolver
+        self._identity = resolver.pick(self._candidates)
+        if self._identity is not None:
+            resolver.check(self._identity, self._candidates)
+        elif self._enforced():
+            raise PolicyRefusal.user_id_required()
+
+    def _enforced(self) -> bool:
+        """Global default, then the key's setting, then the request's override header."""
+        policy = self._ctx.policy
+        enforce = policy.enforce_user_id
+        if self._key is not None and self._key.enforce_user_id is not None:
+            enforce = self._key.enforce_user_id
+        override = self._attribution.enforce_override
+        if override is True or (override is False and policy.enforce_override_may_disable):
+            return override
+        return enforce
+
+    def _refuse(self, refusal: PolicyRefusal) -> ep.ProcessingResponse:
+        """Answer the client with the refusal's error; the ledger gets a ``blocked`` row."""
+        self._status = refusal.status
+        self._block_reason = refusal.code
+        self._finish(usage_pb2.OUTCOME_BLOCKED)
+        return responses.immediate_error(
+            refusal.status,
+            refusal.code,
+            refusal.message,
+            param=refusal.param,
+            extra_headers=[(REQUEST_ID_HEADER, self._request_id.encode())],
+        )
 
     def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
         headers = header_map(msg)
@@ -109,6 +284,8 @@ class RequestProcessor:
         if self._parser is None:
             self._finish(self._outcome_without_body())
             return responses.continue_response_headers(set_headers=set_headers)
+        if self._ctx.policy.log_bodies and not self._attribution.logging_disabled:
+            self._response_sample = bytearray()
         mode = responses.BODY_STREAMED if self._streamed else responses.BODY_BUFFERED
         return responses.continue_response_headers(set_headers=set_headers, response_body_mode=mode)
 
@@ -117,6 +294,9 @@ class RequestProcessor:
             self._first_byte_ns = self._ctx.monotonic_ns()
         if self._parser is not None:
             self._parser.feed(msg.body)
+        sample = self._response_sample
+        if sample is not None and len(sample) < BODY_LOG_BYTES:
+            sample += msg.body[: BODY_LOG_BYTES - len(sample)]
         if msg.end_of_stream:
             self._finish(self._outcome_from_usage())
         return responses.continue_response_body()
@@ -129,6 +309,11 @@ class RequestProcessor:
     # -- outcome and record -----------------------------------------------------------------
 
     def _outcome_without_body(self) -> int:
+        if self._endpoint is None:
+            # Envoy answered before Tollgate saw the request: a filter ahead of ext_proc
+            # refused it. In Tollgate's chain that is jwt_authn (401 bad token, 403 audience).
+            self._block_reason = "invalid_jwt" if self._status in (401, 403) else "envoy_refused"
+            return usage_pb2.OUTCOME_BLOCKED
         if self._status is None or self._status >= 400:
             return usage_pb2.OUTCOME_UPSTREAM_ERROR
         return usage_pb2.OUTCOME_OK
@@ -144,6 +329,8 @@ class RequestProcessor:
             return
         self._finished = True
         parsed = self._parser.result() if self._parser is not None else None
+        if self._response_sample is not None:
+            body_log.info("response %s body: %r", self._request_id, bytes(self._response_sample))
         self._ctx.sink.submit(self._record(outcome, parsed))
 
     def _record(self, outcome: int, parsed: ParsedResponse | None) -> UsageRecord:
@@ -164,6 +351,20 @@ class RequestProcessor:
         if self._identity is not None:
             record.end_user_id = self._identity.user_id
             record.identity_source = self._identity.source
+        if self._key is not None:
+            record.key_id = self._key.key_id
+        if self._block_reason is not None:
+            record.block_reason = self._block_reason
+        att = self._attribution
+        record.tags.extend(att.tags)
+        record.limit_ids.extend(att.limit_ids)
+        record.logging_disabled = att.logging_disabled
+        if att.use_case_id is not None:
+            record.use_case_id = att.use_case_id
+        if att.use_case_name is not None:
+            record.use_case_name = att.use_case_name
+        if att.use_case_version is not None:
+            record.use_case_version = att.use_case_version
         if self._first_byte_ns is not None and self._streamed:
             record.ttft_ms = (self._first_byte_ns - self._started_ns) // 1_000_000
         if parsed is not None:

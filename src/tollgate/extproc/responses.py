@@ -55,12 +55,13 @@ def continue_request_headers(
     *,
     remove: Iterable[str] = (),
     set_headers: Iterable[tuple[str, bytes]] = (),
-    response_body_mode: int | None = None,
+    request_body_mode: int | None = None,
 ) -> ep.ProcessingResponse:
-    """Let the request go on, with headers removed/set; optionally pick the response body mode."""
+    """Let the request go on, with headers removed/set; optionally ask for the request body
+    (the headers then wait in Envoy, with no upstream connection, until the body is answered)."""
     response = ep.ProcessingResponse(request_headers=_headers_response(remove, set_headers))
-    if response_body_mode is not None:
-        response.mode_override.response_body_mode = response_body_mode
+    if request_body_mode is not None:
+        response.mode_override.request_body_mode = request_body_mode
     return response
 
 

@@ -55,7 +55,7 @@ class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):  # type: ign
 def _dispatch(p: RequestProcessor, request: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
     phase = request.WhichOneof("request")
     if phase == "request_headers":
-        return p.request_headers(request.request_headers)
+        return p.request_headers(request.request_headers, request.metadata_context)
     if phase == "response_headers":
         return p.response_headers(request.response_headers)
     if phase == "response_body":

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "ATTRIBUTION_HEADERS",
     "FORWARD_PREFIXES",
+    "LIST_HEADERS",
     "REQUEST_ID_HEADER",
     "USER_ID_HEADERS",
     "is_attribution_header",
@@ -20,14 +21,9 @@ LIMIT_IDS_HEADERS = ("x-tollgate-limit-ids", "xproxy-limit-ids")
 TAGS_HEADERS = ("x-tollgate-tags", "xproxy-request-tags")
 LOGGING_DISABLE_HEADERS = ("x-tollgate-logging-disable", "xproxy-logging-disable")
 BASE_URI_HEADERS = ("x-tollgate-base-uri", "xproxy-provider-baseuri")
-USE_CASE_HEADERS = (
-    "x-tollgate-use-case-id",
-    "x-tollgate-use-case-name",
-    "x-tollgate-use-case-version",
-    "xproxy-usecase-id",
-    "xproxy-usecase-name",
-    "xproxy-usecase-version",
-)
+USE_CASE_ID_HEADERS = ("x-tollgate-use-case-id", "xproxy-usecase-id")
+USE_CASE_NAME_HEADERS = ("x-tollgate-use-case-name", "xproxy-usecase-name")
+USE_CASE_VERSION_HEADERS = ("x-tollgate-use-case-version", "xproxy-usecase-version")
 ROUTE_AS_RESOURCE_HEADERS = ("x-tollgate-route-as-resource", "xproxy-routeas-resource")
 GATEWAY_KEY_HEADER = "x-tollgate-key"
 FORWARD_PREFIXES: tuple[str, ...] = ("x-tollgate-forward-", "xproxy-forward-")
@@ -40,7 +36,9 @@ ATTRIBUTION_HEADERS: frozenset[str] = frozenset(
         *TAGS_HEADERS,
         *LOGGING_DISABLE_HEADERS,
         *BASE_URI_HEADERS,
-        *USE_CASE_HEADERS,
+        *USE_CASE_ID_HEADERS,
+        *USE_CASE_NAME_HEADERS,
+        *USE_CASE_VERSION_HEADERS,
         *ROUTE_AS_RESOURCE_HEADERS,
         GATEWAY_KEY_HEADER,
     )
@@ -49,6 +47,15 @@ ATTRIBUTION_HEADERS: frozenset[str] = frozenset(
 REQUEST_ID_HEADER = "x-tollgate-request-id"
 
 
+# Header names that hold lists: repeated headers are combined (RFC 9110 section 5.3). For any
+# other header the first occurrence counts.
+LIST_HEADERS: frozenset[str] = frozenset((*TAGS_HEADERS, *LIMIT_IDS_HEADERS))
+
+# Tollgate's own namespace and Pay-i's: nothing in them is meant for a provider.
+RESERVED_PREFIXES: tuple[str, ...] = ("x-tollgate-", "xproxy-")
+
+
 def is_attribution_header(name: str) -> bool:
-    """True for every header Tollgate consumes (canonical, alias or forward-prefixed)."""
-    return name in ATTRIBUTION_HEADERS or name.startswith(FORWARD_PREFIXES)
+    """True for every header Tollgate consumes: the table above, any case of alias, and
+    everything in the ``x-tollgate-`` and ``xproxy-`` namespaces (forwards included)."""
+    return name in ATTRIBUTION_HEADERS or name.startswith(RESERVED_PREFIXES)

@@ -1,0 +1,87 @@
+"""PolicyRefusal: why Tollgate answers a request itself instead of letting it through.
+
+Every refusal becomes an OpenAI-shaped error for the client (status, ``code``, message) and a
+ledger row with outcome ``blocked`` and ``block_reason`` = ``code``.
+
+    PolicyRefusal(Exception)
+      status 400  invalid_json, invalid_header_value
+      status 401  invalid_gateway_key
+      status 403  user_id_mismatch, provider_not_allowed
+      status 413  body_too_large
+      status 422  user_id_required, invalid_user_id
+"""
+
+from __future__ import annotations
+
+__all__ = ["PolicyRefusal"]
+
+
+class PolicyRefusal(Exception):
+    """Raised by policy code when a request must be answered with an error and not forwarded."""
+
+    def __init__(self, status: int, code: str, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+
+    @classmethod
+    def user_id_required(cls) -> PolicyRefusal:
+        return cls(
+            422,
+            "user_id_required",
+            "This gateway requires an end-user id. Send it in the x-tollgate-user-id header "
+            "(or the body's `user` field).",
+            param="user",
+        )
+
+    @classmethod
+    def invalid_user_id(cls) -> PolicyRefusal:
+        return cls(
+            422,
+            "invalid_user_id",
+            "The end-user id may only contain letters, digits and . _ : @ - "
+            "(at most 255 characters).",
+            param="user",
+        )
+
+    @classmethod
+    def invalid_gateway_key(cls) -> PolicyRefusal:
+        return cls(401, "invalid_gateway_key", "The gateway key is unknown, revoked or malformed.")
+
+    @classmethod
+    def user_id_mismatch(cls) -> PolicyRefusal:
+        return cls(
+            403,
+            "user_id_mismatch",
+            "The request names an end user other than the one its credentials belong to.",
+            param="user",
+        )
+
+    @classmethod
+    def provider_not_allowed(cls, provider: str) -> PolicyRefusal:
+        return cls(
+            403,
+            "provider_not_allowed",
+            f"This gateway key may not be used with provider {provider!r}.",
+        )
+
+    @classmethod
+    def invalid_header_value(cls, header: str, expected: str) -> PolicyRefusal:
+        return cls(
+            400,
+            "invalid_header_value",
+            f"Header {header} must be {expected}.",
+            param=header,
+        )
+
+    @classmethod
+    def invalid_json(cls, why: str) -> PolicyRefusal:
+        return cls(400, "invalid_json", f"The request body could not be read as JSON: {why}.")
+
+    @classmethod
+    def body_too_large(cls, limit: int) -> PolicyRefusal:
+        return cls(
+            413, "body_too_large", f"The decompressed request body is larger than {limit} bytes."
+        )
