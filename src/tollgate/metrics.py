@@ -56,6 +56,15 @@ class StackCollector(Collector):
             "Records waiting for the writer",
             value=self._stack.writer.pending,
         )
+        keys = self._stack.keys
+        yield GaugeMetricFamily(
+            "tollgate_gateway_keys", "Active gateway keys in the in-memory cache", value=keys.size
+        )
+        yield CounterMetricFamily(
+            "tollgate_gateway_key_refresh_failures",
+            "Failed reloads of the gateway key cache (the previous keys stay in use)",
+            value=keys.refresh_failures,
+        )
         extproc = self._stack.extproc
         yield GaugeMetricFamily(
             "tollgate_extproc_active_streams",

@@ -46,6 +46,16 @@ def envoy_upstream_stats(running: RunningTollgate) -> tuple[int, int]:
     return stats["cluster.upstream.upstream_cx_total"], stats["cluster.upstream.upstream_rq_total"]
 
 
+def metric(running: RunningTollgate, name: str) -> float:
+    """One sample of Tollgate's Prometheus /metrics, by its full name with labels."""
+    address = running.env["TOLLGATE_METRICS_ADDRESS"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    raise AssertionError(f"metric {name} not exported")
+
+
 def client(running: RunningTollgate, **headers: str) -> openai.OpenAI:
     return openai.OpenAI(
         base_url=running.envoy_url,
@@ -417,6 +427,7 @@ def test_gateway_key_lifecycle_and_secrecy(
             metadata={"m": "hidden-marker-2"},
         )
 
+        assert metric(running, "tollgate_gateway_keys") == 1
         tollgate_command(running.env, "keys", "revoke", key_id)
         revoked_at = time.monotonic()
         refused: openai.AuthenticationError | None = None
@@ -435,6 +446,9 @@ def test_gateway_key_lifecycle_and_secrecy(
             "invalid_gateway_key",
             401,
         )
+        assert metric(running, "tollgate_gateway_keys") == 0
+        assert metric(running, 'tollgate_requests_total{outcome="blocked"}') >= 1
+        assert metric(running, "tollgate_gateway_key_refresh_failures_total") == 0
         log_text = "".join(running.process.output)
 
     log_text += "".join(p.read_text(errors="replace") for p in state.glob("*.log"))

@@ -264,3 +264,39 @@ def test_enforcement_matrix(
     assert refused == expected_refused(global_on, key_setting, override, has_identity, may_disable)
     if refused:
         assert error_of(answer) == (422, "user_id_required")
+
+
+def test_body_read_only_for_logging_never_refuses(caplog: pytest.LogCaptureFixture) -> None:
+    sink = Sink()
+    p = processor(sink, log_bodies=True, enforce_user_id=True)
+    first = p.request_headers(headers(JSON, ("x-tollgate-user-id", b"alice")))
+    assert first.mode_override.request_body_mode == responses.BODY_BUFFERED
+    with caplog.at_level("INFO", logger="tollgate.bodies"):
+        answer = p.request_body(ep.HttpBody(body=b'{"not json": marker-7', end_of_stream=True))
+    assert answer.HasField("request_body")
+    assert "marker-7" in caplog.text
+
+
+def test_logging_disabled_request_body_is_neither_read_nor_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sink = Sink()
+    p = processor(sink, log_bodies=True)
+    with caplog.at_level("INFO", logger="tollgate.bodies"):
+        first = p.request_headers(
+            headers(JSON, ("x-tollgate-user-id", b"alice"), ("x-tollgate-logging-disable", b"1"))
+        )
+        assert not first.HasField("mode_override")
+        p.response_headers(
+            ep.HttpHeaders(
+                headers=base_pb2.HeaderMap(
+                    headers=[
+                        base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+                        base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
+                    ]
+                )
+            )
+        )
+        p.response_body(ep.HttpBody(body=b'{"secret": "reply-marker"}', end_of_stream=True))
+    assert caplog.text == ""
+    assert sink.records[0].logging_disabled

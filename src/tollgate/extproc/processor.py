@@ -140,6 +140,7 @@ class RequestProcessor:
         self._candidates: dict[str, str] = {}
         self._content_encoding: bytes | None = None
         self._awaiting_body = False
+        self._body_decides = False
         self._block_reason: str | None = None
         self._response_sample: bytearray | None = None
         self._endpoint: str | None = None
@@ -171,22 +172,20 @@ class RequestProcessor:
         # Usage can only be read from an uncompressed body.
         set_headers = [("accept-encoding", b"identity"), *att.forwards]
         self._content_encoding = headers.get("content-encoding")
-        wants_body = policy.resolver.wants_body(self._candidates) or (
-            policy.log_bodies and not att.logging_disabled
-        )
-        if (
-            wants_body
-            and not msg.end_of_stream
-            and is_json_content_type(headers.get("content-type"))
-        ):
+        body_readable = not msg.end_of_stream and is_json_content_type(headers.get("content-type"))
+        self._body_decides = body_readable and policy.resolver.wants_body(self._candidates)
+        if not self._body_decides:
+            try:
+                self._decide()
+            except PolicyRefusal as refusal:
+                return self._refuse(refusal)
+        log_body = body_readable and policy.log_bodies and not att.logging_disabled
+        if self._body_decides or log_body:
+            # Envoy holds the request (no upstream connection) until the body is answered.
             self._awaiting_body = True
             return responses.continue_request_headers(
                 remove=remove, set_headers=set_headers, request_body_mode=responses.BODY_BUFFERED
             )
-        try:
-            self._decide()
-        except PolicyRefusal as refusal:
-            return self._refuse(refusal)
         return responses.continue_request_headers(remove=remove, set_headers=set_headers)
 
     def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
@@ -194,10 +193,12 @@ class RequestProcessor:
             return responses.continue_request_body()
         self._awaiting_body = False
         policy = self._ctx.policy
+        if policy.log_bodies and not self._attribution.logging_disabled:
+            body_log.info("request %s body: %r", self._request_id, msg.body[:BODY_LOG_BYTES])
+        if not self._body_decides:
+            return responses.continue_request_body()
         try:
             document = read_json_body(msg.body, self._content_encoding, policy.max_body_bytes)
-            if policy.log_bodies and not self._attribution.logging_disabled:
-                body_log.info("request %s body: %r", self._request_id, msg.body[:BODY_LOG_BYTES])
             for source, user_id in body_candidates(document).items():
                 if policy.resolver.uses(source):
                     self._candidates[source] = user_id
