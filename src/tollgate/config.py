@@ -76,6 +76,11 @@ class Settings:
         "Base URL of the default upstream provider (scheme, host, optional port). "
         "`https://` upstreams are verified against the system CA bundle with SNI.",
     )
+    upstream_ca_file: str = _setting(
+        "",
+        "PEM bundle of the CAs Envoy trusts for `https://` upstreams; empty: the system bundle "
+        "(`/etc/ssl/certs/ca-certificates.crt`).",
+    )
     upstream_timeout_s: int = _setting(
         600,
         "Envoy route timeout for one upstream call, in seconds (LLM streams run for "

@@ -1,0 +1,1 @@
+"""Upstream routing: providers, model-prefix routing, base URI allow-list, credential injection."""
