@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Final, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 import psycopg
@@ -420,7 +421,19 @@ def bare_envoy_yaml(upstream_url: str, listen_port: int) -> str:
         raise BenchError(f"expected one {EXTPROC_FILTER} filter in the rendered bootstrap")
     manager["http_filters"] = kept
     resources["clusters"] = [c for c in resources["clusters"] if c["name"] != EXTPROC_CLUSTER]
-    header = "# Bare Envoy for bench/run.py: Tollgate's bootstrap without ext_proc.\n"
+    # Without ext_proc nobody sets the routing headers: send everything through the same
+    # plaintext forward-proxy cluster to the fake upstream, as Tollgate's route would.
+    (host,) = manager["route_config"]["virtual_hosts"]
+    (plain,) = [r for r in host["routes"] if r["name"] == "upstream_http"]
+    plain["match"] = {"prefix": "/"}
+    per_route = plain["typed_per_filter_config"]["envoy.filters.http.dynamic_forward_proxy"]
+    del per_route["host_rewrite_header"]
+    per_route["host_rewrite_literal"] = urlsplit(upstream_url).netloc
+    host["routes"] = [plain]
+    header = (
+        "# Bare Envoy for bench/run.py: Tollgate's bootstrap without ext_proc, every request\n"
+        "# to the fake upstream through the same forward-proxy cluster.\n"
+    )
     return header + yaml.safe_dump(config, sort_keys=False)
 
 

@@ -1,20 +1,30 @@
 """Renders Envoy's bootstrap for Tollgate from settings, with envoy-data-plane's typed config.
 
-One listener with the ext_proc filter (fail closed) in front of the router, a cluster for
-Tollgate's gRPC server and one for the upstream provider. With ``jwt_issuer`` set, Envoy's
-``jwt_authn`` filter runs first: it verifies an end-user JWT if one is sent (a bad one gets
-Envoy's own 401, or 403 for a wrong audience), removes it from the request and hands the
-verified payload to ext_proc as metadata (:data:`JWT_METADATA_NAMESPACE`, key
-:data:`JWT_PAYLOAD_KEY`). Targets differ only in where things are: ``local`` (everything on
-127.0.0.1, as `tollgate up` runs it), ``compose`` (Tollgate reachable as the ``tollgate``
-service) and ``kubernetes`` (Tollgate as a sidecar on 127.0.0.1 of the pod). These classes
-are for building configuration only: they never touch the request path.
+One listener with the ext_proc filter (fail closed) in front of Envoy's dynamic forward proxy
+and the router; a cluster for Tollgate's gRPC server and two dynamic forward proxy clusters
+for the upstreams: ``upstream_https`` (certificate verified, SNI and SAN check follow the
+request's host) and ``upstream_http`` (plaintext). Tollgate picks the upstream per request: it
+sets :data:`UPSTREAM_HOST_HEADER` ("host:port") and :data:`UPSTREAM_SCHEME_HEADER`, the routes
+match on them, the forward proxy resolves that host and rewrites ``Host`` to it, and the route
+removes both headers before the upstream. Envoy strips client-sent copies of both before
+routing and before any filter, and a request Tollgate did not route gets a 502 ``not_routed``:
+no request is ever sent to a host taken from client input.
+
+With ``jwt_issuer`` set, Envoy's ``jwt_authn`` filter runs before ext_proc: it verifies an
+end-user JWT if one is sent (a bad one gets Envoy's own 401, or 403 for a wrong audience),
+removes it from the request and hands the verified payload to ext_proc as metadata
+(:data:`JWT_METADATA_NAMESPACE`, key :data:`JWT_PAYLOAD_KEY`). Targets differ only in where
+things are: ``local`` (everything on 127.0.0.1, as `tollgate up` runs it), ``compose``
+(Tollgate reachable as the ``tollgate`` service) and ``kubernetes`` (Tollgate as a sidecar on
+127.0.0.1 of the pod). These classes are for building configuration only: they never touch
+the request path.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,19 +34,30 @@ import yaml
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.cluster.v3 import (
     Cluster,
+    ClusterCustomClusterType,
     ClusterDiscoveryType,
     ClusterDnsLookupFamily,
+    ClusterLbPolicy,
+)
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
+    HeaderMutation as HeaderMutationRule,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
+    HeaderValue,
+    HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
+    Http1ProtocolOptions,
     Http2ProtocolOptions,
     HttpUri,
     Pipe,
     SocketAddress,
     TransportSocket,
+    TypedExtensionConfig,
+    UpstreamHttpProtocolOptions,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import (
     ClusterLoadAssignment,
@@ -46,11 +67,23 @@ from envoy_data_plane.envoy.config.endpoint.v3 import (
 )
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
 from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
+    HeaderMatcher,
     Route,
     RouteAction,
     RouteConfiguration,
     RouteMatch,
     VirtualHost,
+)
+from envoy_data_plane.envoy.extensions.clusters.dynamic_forward_proxy.v3 import (
+    ClusterConfig as ForwardProxyClusterConfig,
+)
+from envoy_data_plane.envoy.extensions.common.dynamic_forward_proxy.v3 import DnsCacheConfig
+from envoy_data_plane.envoy.extensions.filters.http.dynamic_forward_proxy.v3 import (
+    FilterConfig as ForwardProxyFilterConfig,
+)
+from envoy_data_plane.envoy.extensions.filters.http.dynamic_forward_proxy.v3 import (
+    PerRouteConfig as ForwardProxyRouteConfig,
 )
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
@@ -76,6 +109,9 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManagerCodecType,
     HttpFilter,
 )
+from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
+    HeaderMutation as EarlyHeaderMutation,
+)
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
@@ -87,17 +123,20 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
 from envoy_data_plane.google.protobuf import Any as AnyProto
 from envoy_data_plane.google.protobuf import Empty
 
 from tollgate.config import Settings
 from tollgate.policy.identity import JWT_METADATA_NAMESPACE, JWT_PAYLOAD_KEY
+from tollgate.routing.envoy_headers import UPSTREAM_HOST_HEADER, UPSTREAM_SCHEME_HEADER
 
 __all__ = [
     "JWT_METADATA_NAMESPACE",
     "JWT_PAYLOAD_KEY",
     "TARGETS",
+    "UPSTREAM_HOST_HEADER",
+    "UPSTREAM_SCHEME_HEADER",
     "EnvoyTarget",
     "render_bootstrap",
     "render_yaml",
@@ -105,8 +144,30 @@ __all__ = [
 
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 EXTPROC_CLUSTER = "tollgate_extproc"
-UPSTREAM_CLUSTER = "upstream"
+UPSTREAM_HTTPS_CLUSTER = "upstream_https"
+UPSTREAM_HTTP_CLUSTER = "upstream_http"
+UPSTREAM_CONNECT_TIMEOUT_S = 10
 JWKS_CLUSTER = "tollgate_jwks"
+
+FORWARD_PROXY_FILTER = "envoy.filters.http.dynamic_forward_proxy"
+#: The one DNS cache the forward proxy filter and both upstream clusters share.
+DNS_CACHE = "tollgate_upstreams"
+#: What a routed request's upstream header must look like: "host:port" (IPv6 in brackets).
+#: A missing, empty or port-less value matches no forwarding route (the forward proxy would
+#: otherwise fall back to the request's own ``Host``).
+UPSTREAM_HOST_PATTERN = r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}"
+NOT_ROUTED_STATUS = 502
+NOT_ROUTED_BODY = json.dumps(
+    {
+        "error": {
+            "message": "request was not routed by Tollgate",
+            "type": "invalid_request_error",
+            "code": "not_routed",
+            "param": None,
+        }
+    },
+    separators=(",", ":"),
+)
 
 #: Provider for ``<jwt_header>: Bearer <token>``.
 JWT_PROVIDER = "tollgate_users"
@@ -223,10 +284,53 @@ def _verified_tls(host: str) -> TransportSocket:
     return TransportSocket(name="envoy.transport_sockets.tls", typed_config=AnyProto.pack(context))
 
 
-def _upstream_cluster(settings: Settings) -> Cluster:
-    cluster = _url_cluster(UPSTREAM_CLUSTER, settings.upstream_url, connect_timeout_s=10)
-    cluster.per_connection_buffer_limit_bytes = settings.max_body_bytes
+def _dns_cache() -> DnsCacheConfig:
+    """The forward proxy's DNS cache; the filter and both clusters must carry the same one.
+
+    Envoy's default resolver (c-ares) also answers from /etc/hosts, so ``localhost`` and names
+    a container's hosts file adds resolve (checked with Envoy 1.40).
+    """
+    return DnsCacheConfig(name=DNS_CACHE, dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED)
+
+
+def _forward_proxy_cluster(settings: Settings, name: str, tls: bool) -> Cluster:
+    """An upstream cluster whose host comes from the request (Envoy's dynamic forward proxy)."""
+    options = HttpProtocolOptions(
+        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+            http_protocol_options=Http1ProtocolOptions()
+        ),
+        # SNI and the certificate's SAN check follow the host of each request. Envoy requires
+        # both on forward proxy clusters; without TLS they do nothing.
+        upstream_http_protocol_options=UpstreamHttpProtocolOptions(
+            auto_sni=True, auto_san_validation=True
+        ),
+    )
+    cluster = Cluster(
+        name=name,
+        cluster_type=ClusterCustomClusterType(
+            name="envoy.clusters.dynamic_forward_proxy",
+            typed_config=AnyProto.pack(ForwardProxyClusterConfig(dns_cache_config=_dns_cache())),
+        ),
+        lb_policy=ClusterLbPolicy.CLUSTER_PROVIDED,
+        connect_timeout=_seconds(UPSTREAM_CONNECT_TIMEOUT_S),
+        per_connection_buffer_limit_bytes=settings.max_body_bytes,
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyProto.pack(options)
+        },
+    )
+    if tls:
+        cluster.transport_socket = _upstream_tls(settings.upstream_ca_file or SYSTEM_CA_BUNDLE)
     return cluster
+
+
+def _upstream_tls(ca_file: str) -> TransportSocket:
+    """TLS that verifies the upstream's chain against ``ca_file``; SNI and SAN set per request."""
+    context = UpstreamTlsContext(
+        common_tls_context=CommonTlsContext(
+            validation_context=CertificateValidationContext(trusted_ca=DataSource(filename=ca_file))
+        )
+    )
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=AnyProto.pack(context))
 
 
 def _jwks_cluster(settings: Settings) -> Cluster | None:
@@ -322,29 +426,87 @@ def _ext_proc_filter(settings: Settings) -> HttpFilter:
     return HttpFilter(name="envoy.filters.http.ext_proc", typed_config=AnyProto.pack(ext_proc))
 
 
-def _connection_manager(settings: Settings) -> HttpConnectionManager:
-    upstream = urlsplit(settings.upstream_url)
-    timeout = _seconds(settings.upstream_timeout_s)
-    route = Route(
-        match=RouteMatch(prefix="/"),
-        route=RouteAction(
-            cluster=UPSTREAM_CLUSTER,
-            timeout=timeout,
-            host_rewrite_literal=upstream.netloc.rsplit("@", 1)[-1],
-        ),
+def _strip_routing_headers() -> TypedExtensionConfig:
+    """Removes client-sent upstream headers before routing and every filter.
+
+    Only Tollgate's ext_proc can then set them. An HTTP filter would be too late: a route
+    picked while the client's copies were still there would stay cached after their removal,
+    and the forward proxy, finding no :data:`UPSTREAM_HOST_HEADER`, would fall back to the
+    client's own ``Host``.
+    """
+    config = EarlyHeaderMutation(
+        mutations=[
+            HeaderMutationRule(remove=name)
+            for name in (UPSTREAM_HOST_HEADER, UPSTREAM_SCHEME_HEADER)
+        ]
     )
+    return TypedExtensionConfig(
+        name="envoy.http.early_header_mutation.header_mutation",
+        typed_config=AnyProto.pack(config),
+    )
+
+
+def _forward_proxy_filter() -> HttpFilter:
+    config = ForwardProxyFilterConfig(dns_cache_config=_dns_cache())
+    return HttpFilter(name=FORWARD_PROXY_FILTER, typed_config=AnyProto.pack(config))
+
+
+def _forward_route(cluster: str, timeout: datetime.timedelta, *scheme: HeaderMatcher) -> Route:
+    """Send the request to the host Tollgate named, through ``cluster``, and no retries."""
+    host = HeaderMatcher(
+        name=UPSTREAM_HOST_HEADER,
+        string_match=StringMatcher(safe_regex=RegexMatcher(regex=UPSTREAM_HOST_PATTERN)),
+    )
+    per_route = ForwardProxyRouteConfig(host_rewrite_header=UPSTREAM_HOST_HEADER)
+    return Route(
+        name=cluster,
+        match=RouteMatch(prefix="/", headers=[*scheme, host]),
+        route=RouteAction(cluster=cluster, timeout=timeout),
+        typed_per_filter_config={FORWARD_PROXY_FILTER: AnyProto.pack(per_route)},
+        request_headers_to_remove=[UPSTREAM_HOST_HEADER, UPSTREAM_SCHEME_HEADER],
+    )
+
+
+def _routes(settings: Settings) -> list[Route]:
+    """Plaintext when Tollgate says ``http``, verified TLS otherwise, 502 when it said nothing."""
+    timeout = _seconds(settings.upstream_timeout_s)
+    plaintext = HeaderMatcher(name=UPSTREAM_SCHEME_HEADER, string_match=StringMatcher(exact="http"))
+    not_routed = Route(
+        name="not_routed",
+        match=RouteMatch(prefix="/"),
+        direct_response=DirectResponseAction(
+            status=NOT_ROUTED_STATUS, body=DataSource(inline_string=NOT_ROUTED_BODY)
+        ),
+        response_headers_to_add=[
+            HeaderValueOption(
+                header=HeaderValue(key="content-type", value="application/json"),
+                append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+        ],
+    )
+    return [
+        _forward_route(UPSTREAM_HTTP_CLUSTER, timeout, plaintext),
+        _forward_route(UPSTREAM_HTTPS_CLUSTER, timeout),
+        not_routed,
+    ]
+
+
+def _connection_manager(settings: Settings) -> HttpConnectionManager:
+    timeout = _seconds(settings.upstream_timeout_s)
     return HttpConnectionManager(
         stat_prefix="tollgate",
         codec_type=HttpConnectionManagerCodecType.AUTO,
         # Streams may be silent for minutes while a model thinks.
         stream_idle_timeout=timeout,
+        early_header_mutation_extensions=[_strip_routing_headers()],
         route_config=RouteConfiguration(
             name="tollgate",
-            virtual_hosts=[VirtualHost(name="upstream", domains=["*"], routes=[route])],
+            virtual_hosts=[VirtualHost(name="upstream", domains=["*"], routes=_routes(settings))],
         ),
         http_filters=[
             *([_jwt_filter(settings)] if settings.jwt_issuer else []),
             _ext_proc_filter(settings),
+            _forward_proxy_filter(),
             HttpFilter(name="envoy.filters.http.router", typed_config=AnyProto.pack(Router())),
         ],
     )
@@ -370,7 +532,11 @@ def render_bootstrap(settings: Settings, target: str = "local") -> Bootstrap:
             )
         ],
     )
-    clusters = [_extproc_cluster(settings, where), _upstream_cluster(settings)]
+    clusters = [
+        _extproc_cluster(settings, where),
+        _forward_proxy_cluster(settings, UPSTREAM_HTTPS_CLUSTER, tls=True),
+        _forward_proxy_cluster(settings, UPSTREAM_HTTP_CLUSTER, tls=False),
+    ]
     jwks = _jwks_cluster(settings)
     if jwks is not None:
         clusters.append(jwks)

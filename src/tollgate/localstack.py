@@ -345,17 +345,36 @@ class EnvoyProcess(ChildProcess):
 
 
 class FakeProviderProcess(ChildProcess):
-    """`python -m tollgate.fakeprovider` as a child, for the demo and tests."""
+    """`python -m tollgate.fakeprovider` as a child, for the demo and tests.
+
+    With ``tls_cert`` and ``tls_key`` (PEM) it serves HTTPS only, and its URL names
+    ``localhost`` so that a certificate for ``localhost`` verifies.
+    """
 
     name = "fake-provider"
 
-    def __init__(self, port: int, *, log_path: Path, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        *,
+        log_path: Path,
+        extra_args: list[str] | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+    ) -> None:
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
         super().__init__(log_path)
         self.port = port
         self._extra = extra_args or []
+        self._tls = (
+            ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)] if tls_cert is not None else []
+        )
 
     @property
     def url(self) -> str:
+        if self._tls:
+            return f"https://localhost:{self.port}"
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> None:
@@ -368,6 +387,7 @@ class FakeProviderProcess(ChildProcess):
                 "127.0.0.1",
                 "--port",
                 str(self.port),
+                *self._tls,
                 *self._extra,
             ]
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -10,8 +11,17 @@ import pytest
 import yaml
 
 from tests.jwt_support import make_signing_key
+from tests.tls_support import make_ca
 from tollgate.config import load_settings
-from tollgate.envoyconf import JWT_METADATA_NAMESPACE, JWT_PAYLOAD_KEY, TARGETS, render_yaml
+from tollgate.envoyconf import (
+    JWT_METADATA_NAMESPACE,
+    JWT_PAYLOAD_KEY,
+    TARGETS,
+    UPSTREAM_HOST_HEADER,
+    UPSTREAM_HOST_PATTERN,
+    UPSTREAM_SCHEME_HEADER,
+    render_yaml,
+)
 from tollgate.localstack import envoy_binary
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -26,10 +36,29 @@ def validate(path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def connection_manager(doc: dict) -> dict:
+    return doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
 def ext_proc_filter(doc: dict) -> dict:
-    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm = connection_manager(doc)
     (ext,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"]
     return ext["typed_config"]
+
+
+def cluster(doc: dict, name: str) -> dict:
+    (found,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == name]
+    return found
+
+
+def routes(doc: dict) -> list[dict]:
+    (vhost,) = connection_manager(doc)["route_config"]["virtual_hosts"]
+    assert vhost["domains"] == ["*"]
+    return vhost["routes"]
+
+
+def default_doc() -> dict:
+    return yaml.safe_load(render_yaml(load_settings(environ={})))
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
@@ -47,30 +76,159 @@ def test_ext_proc_fails_closed_and_lets_tollgate_pick_body_modes() -> None:
     assert ext.get("failure_mode_allow", False) is False
     assert ext["allow_mode_override"] is True
     assert ext["message_timeout"] == "5s"
-    hcm_filters = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    names = [f["name"] for f in hcm_filters["typed_config"]["http_filters"]]
-    assert names == ["envoy.filters.http.ext_proc", "envoy.filters.http.router"]
+    names = [f["name"] for f in connection_manager(doc)["http_filters"]]
+    assert names == [
+        "envoy.filters.http.ext_proc",
+        "envoy.filters.http.dynamic_forward_proxy",
+        "envoy.filters.http.router",
+    ]
 
 
-def test_https_upstream_verifies_certificate_and_sni() -> None:
-    doc = yaml.safe_load(
-        render_yaml(load_settings(environ={"TOLLGATE_UPSTREAM_URL": "https://api.example.com"}))
-    )
-    (upstream,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == "upstream"]
+# -- upstreams: Envoy's dynamic forward proxy, steered by Tollgate's headers -----------------
+
+HOST_MATCH = {
+    "name": UPSTREAM_HOST_HEADER,
+    "string_match": {"safe_regex": {"regex": UPSTREAM_HOST_PATTERN}},
+}
+FORWARD_PROXY_ROUTE = {
+    "envoy.filters.http.dynamic_forward_proxy": {
+        "@type": "type.googleapis.com/"
+        "envoy.extensions.filters.http.dynamic_forward_proxy.v3.PerRouteConfig",
+        "host_rewrite_header": UPSTREAM_HOST_HEADER,
+    }
+}
+
+
+def test_routes_plaintext_then_verified_tls_then_not_routed() -> None:
+    plaintext, tls, not_routed = routes(default_doc())
+
+    assert plaintext["match"] == {
+        "prefix": "/",
+        "headers": [
+            {"name": UPSTREAM_SCHEME_HEADER, "string_match": {"exact": "http"}},
+            HOST_MATCH,
+        ],
+    }
+    assert tls["match"] == {"prefix": "/", "headers": [HOST_MATCH]}
+    for route, cluster_name in ((plaintext, "upstream_http"), (tls, "upstream_https")):
+        # The route timeout is upstream_timeout_s, and there is no retry policy (no retries).
+        assert route["route"] == {"cluster": cluster_name, "timeout": "600s"}
+        assert route["typed_per_filter_config"] == FORWARD_PROXY_ROUTE
+        assert route["request_headers_to_remove"] == [UPSTREAM_HOST_HEADER, UPSTREAM_SCHEME_HEADER]
+
+    assert not_routed["match"] == {"prefix": "/"}
+    assert not_routed["direct_response"]["status"] == 502
+    assert json.loads(not_routed["direct_response"]["body"]["inline_string"]) == {
+        "error": {
+            "message": "request was not routed by Tollgate",
+            "type": "invalid_request_error",
+            "code": "not_routed",
+            "param": None,
+        }
+    }
+    assert not_routed["response_headers_to_add"] == [
+        {
+            "header": {"key": "content-type", "value": "application/json"},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "routed"),
+    [
+        ("api.openai.com:443", True),
+        ("localhost:8443", True),
+        ("my-resource.openai.azure.com:443", True),
+        ("10.0.0.7:8080", True),
+        ("[::1]:8080", True),
+        ("[2001:db8::1]:443", True),
+        ("", False),
+        ("api.openai.com", False),  # no port
+        ("[::1]", False),
+        ("user@evil.example:443", False),
+        ("evil.example:443/x", False),
+        ("a:1,b:2", False),
+    ],
+)
+def test_upstream_host_pattern(value: str, routed: bool) -> None:
+    # RE2 (Envoy's safe_regex) matches the whole value, as fullmatch does; the pattern uses
+    # nothing whose meaning differs between the two engines.
+    assert (re.fullmatch(UPSTREAM_HOST_PATTERN, value) is not None) is routed
+
+
+def test_client_sent_upstream_headers_are_removed_before_routing() -> None:
+    hcm = connection_manager(default_doc())
+    (early,) = hcm["early_header_mutation_extensions"]
+    assert early["name"] == "envoy.http.early_header_mutation.header_mutation"
+    assert early["typed_config"]["mutations"] == [
+        {"remove": UPSTREAM_HOST_HEADER},
+        {"remove": UPSTREAM_SCHEME_HEADER},
+    ]
+
+
+def test_upstream_clusters_are_forward_proxies_sharing_one_dns_cache() -> None:
+    doc = default_doc()
+    (proxy,) = [
+        f
+        for f in connection_manager(doc)["http_filters"]
+        if f["name"] == "envoy.filters.http.dynamic_forward_proxy"
+    ]
+    dns_cache = proxy["typed_config"]["dns_cache_config"]
+    assert dns_cache == {"name": "tollgate_upstreams", "dns_lookup_family": "V4_PREFERRED"}
+    for name in ("upstream_https", "upstream_http"):
+        upstream = cluster(doc, name)
+        assert upstream["cluster_type"]["name"] == "envoy.clusters.dynamic_forward_proxy"
+        assert upstream["cluster_type"]["typed_config"]["dns_cache_config"] == dns_cache
+        assert upstream["lb_policy"] == "CLUSTER_PROVIDED"
+        assert upstream["connect_timeout"] == "10s"
+        assert upstream["per_connection_buffer_limit_bytes"] == 32 * 1024 * 1024
+        assert "load_assignment" not in upstream
+    assert "upstream" not in [c["name"] for c in doc["static_resources"]["clusters"]]
+
+
+def test_https_cluster_verifies_the_certificate_of_each_requests_host() -> None:
+    upstream = cluster(default_doc(), "upstream_https")
+    options = upstream["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    # SNI and the SAN check follow the host the forward proxy rewrote the request to.
+    assert options["upstream_http_protocol_options"] == {
+        "auto_sni": True,
+        "auto_san_validation": True,
+    }
     tls = upstream["transport_socket"]["typed_config"]
-    assert tls["sni"] == "api.example.com"
-    validation = tls["common_tls_context"]["validation_context"]
-    assert validation["trusted_ca"]["filename"] == "/etc/ssl/certs/ca-certificates.crt"
-    assert validation["match_typed_subject_alt_names"][0]["matcher"]["exact"] == "api.example.com"
+    assert tls["@type"].endswith("UpstreamTlsContext")
+    assert "sni" not in tls
+    assert tls["common_tls_context"] == {
+        "validation_context": {"trusted_ca": {"filename": "/etc/ssl/certs/ca-certificates.crt"}}
+    }
 
 
-def test_plain_http_upstream_has_no_tls() -> None:
-    doc = yaml.safe_load(
-        render_yaml(load_settings(environ={"TOLLGATE_UPSTREAM_URL": "http://127.0.0.1:8090"}))
-    )
-    (upstream,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == "upstream"]
-    assert "transport_socket" not in upstream
-    assert upstream["type"] == "STATIC"
+def test_http_cluster_is_plaintext() -> None:
+    assert "transport_socket" not in cluster(default_doc(), "upstream_http")
+
+
+def test_upstream_ca_file_replaces_the_system_bundle(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path)
+    text = render_yaml(load_settings(environ={"TOLLGATE_UPSTREAM_CA_FILE": str(ca.cert_path)}))
+    upstream = cluster(yaml.safe_load(text), "upstream_https")
+    validation = upstream["transport_socket"]["typed_config"]["common_tls_context"][
+        "validation_context"
+    ]
+    assert validation == {"trusted_ca": {"filename": str(ca.cert_path)}}
+    path = tmp_path / "ca.yaml"
+    path.write_text(text)
+    result = validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_upstream_url_no_longer_shapes_the_envoy_config() -> None:
+    rendered = {
+        render_yaml(load_settings(environ={"TOLLGATE_UPSTREAM_URL": url}))
+        for url in ("https://api.openai.com", "http://127.0.0.1:8090", "https://[::1]:8443")
+    }
+    assert len(rendered) == 1
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "envoy").glob("*.yaml")), ids=lambda p: p.name)
@@ -121,6 +279,7 @@ def test_jwt_authn_runs_before_ext_proc_and_its_payload_is_forwarded(tmp_path: P
     assert names == [
         "envoy.filters.http.jwt_authn",
         "envoy.filters.http.ext_proc",
+        "envoy.filters.http.dynamic_forward_proxy",
         "envoy.filters.http.router",
     ]
     assert ext_proc_filter(doc)["metadata_options"] == {
