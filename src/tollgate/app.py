@@ -12,11 +12,10 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import grpc
 import psycopg
@@ -25,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from psycopg_pool import AsyncConnectionPool
 
-from tollgate.config import Settings, mask_url
+from tollgate.config import ConfigError, Settings, mask_url
 from tollgate.envoyconf import render_yaml
 from tollgate.extproc.processor import PolicyConfig, ProcessorContext, RequestProcessor
 from tollgate.extproc.server import ExternalProcessorServicer
@@ -41,9 +40,12 @@ from tollgate.localstack import (
 )
 from tollgate.metrics import start_metrics_server
 from tollgate.policy.keys import KeyCache
+from tollgate.routing.allowlist import BaseUriAllowList, InvalidBaseUri
+from tollgate.routing.providers import load_providers
+from tollgate.routing.router import Router
 from tollgate.v1 import usage_pb2_grpc
 
-__all__ = ["Stack", "StackOptions", "ledger_database", "run_migrations", "upstream_provider"]
+__all__ = ["Stack", "StackOptions", "build_router", "ledger_database", "run_migrations"]
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +81,19 @@ async def run_migrations(url: str) -> list[str]:
     return [f"{m.version:03d}_{m.name}" for m in applied]
 
 
-def upstream_provider(settings: Settings) -> str:
-    """The provider name recorded (and priced) for the configured upstream."""
-    host = urlsplit(settings.upstream_url).hostname or ""
-    if host.endswith("anthropic.com"):
-        return "anthropic"
-    return "openai"
+def build_router(settings: Settings, environ: Mapping[str, str] | None = None) -> Router:
+    """The router from the provider definitions (keys read from ``environ``, default the
+    process environment), the allow-list and the routing settings."""
+    try:
+        allow_list = BaseUriAllowList(settings.base_uri_allow_list)
+    except InvalidBaseUri as exc:
+        raise ConfigError(f"base_uri_allow_list: {exc}") from None
+    return Router(
+        load_providers(settings, environ),
+        settings.default_provider.lower(),
+        allow_list,
+        model_prefix_routing=settings.model_prefix_routing,
+    )
 
 
 def _concrete_address(address: str) -> str:
@@ -123,6 +132,8 @@ class Stack:
     def __init__(self, settings: Settings, options: StackOptions | None = None) -> None:
         self.settings = settings
         self.options = options or StackOptions()
+        # Built first: a provider or allow-list mistake stops start-up before anything runs.
+        self.router = build_router(settings)
         self._r = _Running()
         self.database_url = ""
         self.grpc_port = 0
@@ -209,8 +220,7 @@ class Stack:
         )
         context = ProcessorContext(
             sink=self.writer,
-            provider=upstream_provider(s),
-            upstream_base_uri=s.upstream_url.rstrip("/"),
+            router=self.router,
             policy=PolicyConfig.from_settings(s),
             keys=self.keys,
         )

@@ -73,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PROVIDER",
         help="allow only this provider (repeatable; default: any)",
     )
+    create.add_argument(
+        "--credentials",
+        choices=("inject", "passthrough"),
+        default="inject",
+        help="inject the provider key the gateway holds (default), or pass the app's own "
+        "provider key through",
+    )
     create.add_argument("--format", choices=("text", "json"), default="text")
     listing = keys_sub.add_parser("list", help="list keys (never their plaintext)")
     listing.add_argument("--all", action="store_true", help="include revoked keys")
@@ -83,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     fake = sub.add_parser("fake-provider", help="run the built-in fake OpenAI-compatible upstream")
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8090)
+    fake.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
+    fake.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     return parser
 
 
@@ -91,7 +100,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "fake-provider":
         from tollgate import fakeprovider
 
-        fakeprovider.main(["--host", args.host, "--port", str(args.port)])
+        if bool(args.tls_cert) != bool(args.tls_key):
+            sys.exit("tollgate: --tls-cert and --tls-key go together")
+        tls = ["--tls-cert", args.tls_cert, "--tls-key", args.tls_key] if args.tls_cert else []
+        fakeprovider.main(["--host", args.host, "--port", str(args.port), *tls])
         return
     try:
         settings = load_settings(args.config)
@@ -110,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = asyncio.run(_run(args, settings))
     except KeyboardInterrupt:
         code = 130
+    except ConfigError as exc:
+        sys.exit(f"tollgate: {exc}")
     except (OSError, RuntimeError) as exc:
         log.error("%s", exc)
         code = 1
@@ -181,6 +195,7 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
                         end_user_id=args.user,
                         enforce_user_id=args.enforce_user_id,
                         allowed_providers=args.provider,
+                        inject_credentials=args.credentials == "inject",
                     )
                 except GatewayKeyError as exc:
                     print(f"tollgate: {exc}", file=sys.stderr)

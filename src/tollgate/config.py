@@ -8,6 +8,7 @@ field metadata; ``docs/configuration.md`` must describe each one (a test checks 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import tomllib
@@ -72,9 +73,40 @@ class Settings:
         9901, "Port of Envoy's admin interface (always bound to 127.0.0.1); 0 picks a free one."
     )
     upstream_url: str = _setting(
-        "https://api.openai.com",
-        "Base URL of the default upstream provider (scheme, host, optional port). "
-        "`https://` upstreams are verified against the system CA bundle with SNI.",
+        "",
+        "Base URI of the default provider (scheme, host, optional port and path prefix), "
+        "overriding that provider's own `base_uri`; empty: the provider's own (for `openai`, "
+        "`https://api.openai.com`). Handy to point everything at a local server.",
+    )
+    default_provider: str = _setting(
+        "openai",
+        "Provider for requests that no model prefix, API path or base-URI header assigns "
+        "elsewhere.",
+    )
+    providers: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Provider definitions, merged over the built-in `openai`, `anthropic` and "
+            "`gemini` (TOML tables `[providers.NAME]`; in the environment a JSON object). Keys "
+            "per provider: `base_uri`, `auth` (`bearer`, `x-api-key`, `api-key`, "
+            "`x-goog-api-key` or `none`), `api_key_env` or `api_key_file` (the credential "
+            "Tollgate injects; never logged), `headers` (extra headers the provider requires, "
+            "set when the client did not send them), `api` (`openai`, `anthropic`, `gemini` "
+            "or `azure`: the request and usage format; default `openai`). See "
+            "docs/routing.md.",
+            "secret": False,
+        },
+    )
+    base_uri_allow_list: tuple[str, ...] = _setting(
+        (),
+        "Base URIs an app may choose per request with `x-tollgate-base-uri` (exact scheme, "
+        "host and port; the path is a prefix). The providers' own base URIs are always "
+        "allowed. Anything else gets 403 `base_uri_not_allowed` with no connection made.",
+    )
+    model_prefix_routing: bool = _setting(
+        True,
+        'Route `"model": "PROVIDER/MODEL"` to PROVIDER with the prefix removed. Tollgate '
+        "then reads the JSON body of every request.",
     )
     upstream_ca_file: str = _setting(
         "",
@@ -205,7 +237,12 @@ def mask_url(url: str) -> str:
 def setting_docs() -> list[tuple[str, str, Any, str]]:
     """(name, environment variable, default, help) of every setting, in declaration order."""
     return [
-        (f.name, ENV_PREFIX + f.name.upper(), f.default, f.metadata["help"])
+        (
+            f.name,
+            ENV_PREFIX + f.name.upper(),
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default,
+            f.metadata["help"],
+        )
         for f in fields(Settings)
     ]
 
@@ -213,6 +250,13 @@ def setting_docs() -> list[tuple[str, str, Any, str]]:
 def _coerce(name: str, kind: Any, raw: Any) -> Any:
     kind_name = kind if isinstance(kind, str) else kind.__name__
     try:
+        if kind_name == "dict[str, dict[str, Any]]":
+            tables = json.loads(raw) if isinstance(raw, str) else raw
+            if not isinstance(tables, dict) or not all(
+                isinstance(v, dict) for v in tables.values()
+            ):
+                raise ValueError(raw)
+            return tables
         if kind_name == "int":
             if isinstance(raw, bool):
                 raise ValueError(raw)
@@ -257,7 +301,9 @@ def _validated(settings: Settings) -> Settings:
     if settings.metrics_address and not _ADDRESS.match(settings.metrics_address):
         raise ConfigError(f"metrics_address must be host:port, got {settings.metrics_address!r}")
     upstream = urlsplit(settings.upstream_url)
-    if upstream.scheme not in ("http", "https") or not upstream.hostname:
+    if settings.upstream_url and (
+        upstream.scheme not in ("http", "https") or not upstream.hostname
+    ):
         raise ConfigError(f"upstream_url must be an http(s) URL, got {settings.upstream_url!r}")
     positive = (
         "max_body_bytes",

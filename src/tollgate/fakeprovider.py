@@ -17,6 +17,9 @@ Control endpoints (never recorded): ``GET /_fake/requests`` returns
 ``{"requests": [...], "connections": N}``, where ``connections`` counts the distinct TCP
 connections that carried at least one recorded request; ``DELETE /_fake/requests`` clears both;
 ``GET /_fake/health`` answers ``ok``.
+
+With ``--tls-cert`` and ``--tls-key`` (PEM files) it serves HTTPS only, on the same port, so
+tests can prove that a verified TLS upstream works and a wrongly named one is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import hashlib
 import json
 import signal
 import socket
+import ssl
 import sys
 import time
 import weakref
@@ -35,7 +39,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-__all__ = ["build_app", "main", "serve"]
+__all__ = ["build_app", "main", "serve", "server_tls_context"]
 
 DEFAULT_MODEL: Final = "gpt-4o-mini"
 MAX_RECORDED: Final = 10_000
@@ -153,6 +157,16 @@ def _text_chars(messages: list[Any]) -> int:
     return chars
 
 
+def _model_of(body: bytes) -> str | None:
+    """The ``model`` a JSON request body names, for the record (None when there is none)."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    model = document.get("model") if isinstance(document, dict) else None
+    return model if isinstance(model, str) else None
+
+
 def _token_cap(body: dict[str, Any]) -> int | None:
     caps = [
         value
@@ -232,6 +246,7 @@ class _FakeProvider:
                     for name, value in request.raw_headers
                 ],
                 "body_length": len(body),
+                "model": _model_of(body),
             }
         )
         transport = request.transport
@@ -397,8 +412,10 @@ def build_app(*, latency_ms: int = 0, chunk_delay_ms: int = 0) -> web.Applicatio
     app.router.add_get("/_fake/requests", provider.list_requests)
     app.router.add_delete("/_fake/requests", provider.clear_requests)
     app.router.add_get("/_fake/health", provider.health)
-    app.router.add_post("/v1/chat/completions", provider.chat_completions)
-    app.router.add_get("/v1/models", provider.models)
+    # Any path prefix: a base URI with a path (`https://host/team-a`) or an Azure deployment
+    # (`/openai/deployments/{name}/chat/completions?api-version=…`) reaches the same handlers.
+    app.router.add_post("/{prefix:.*}/chat/completions", provider.chat_completions)
+    app.router.add_get("/{prefix:.*}/models", provider.models)
     app.router.add_route("*", "/{tail:.*}", provider.not_found)
     return app
 
@@ -421,10 +438,22 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server-side TLS context presenting the PEM certificate chain and key."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
 async def serve(
-    host: str, port: int, *, latency_ms: int = 0, chunk_delay_ms: int = 0
+    host: str,
+    port: int,
+    *,
+    latency_ms: int = 0,
+    chunk_delay_ms: int = 0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, int]:
-    """Start the fake provider on ``host:port`` (0 picks a free port).
+    """Start the fake provider on ``host:port`` (0 picks a free port), HTTPS with ``ssl_context``.
 
     Returns the runner (call ``await runner.cleanup()`` to stop) and the bound port.
     """
@@ -434,7 +463,7 @@ async def serve(
     try:
         sock = _listening_socket(host, port)
         bound_port: int = sock.getsockname()[1]
-        site = web.SockSite(runner, sock, backlog=1024)
+        site = web.SockSite(runner, sock, backlog=1024, ssl_context=ssl_context)
         try:
             await site.start()
         except BaseException:
@@ -459,6 +488,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--chunk-delay-ms", type=int, default=0, help="delay between streamed chunks"
     )
+    parser.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS (needs --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     return parser
 
 
@@ -467,12 +498,18 @@ async def _run(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    tls = server_tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
     runner, port = await serve(
-        args.host, args.port, latency_ms=args.latency_ms, chunk_delay_ms=args.chunk_delay_ms
+        args.host,
+        args.port,
+        latency_ms=args.latency_ms,
+        chunk_delay_ms=args.chunk_delay_ms,
+        ssl_context=tls,
     )
     try:
         host = f"[{args.host}]" if ":" in args.host else args.host
-        sys.stdout.write(f"fake provider listening on http://{host}:{port}\n")
+        scheme = "https" if tls else "http"
+        sys.stdout.write(f"fake provider listening on {scheme}://{host}:{port}\n")
         sys.stdout.flush()
         await stop.wait()
     finally:
@@ -481,7 +518,10 @@ async def _run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run until SIGTERM or SIGINT, then exit cleanly."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
     asyncio.run(_run(args))
 
 

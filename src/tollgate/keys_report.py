@@ -21,6 +21,10 @@ def _providers(names: Sequence[str] | frozenset[str] | None) -> str:
     return "any" if names is None else ",".join(sorted(names))
 
 
+def _mode(inject: bool) -> str:
+    return "inject" if inject else "passthrough"
+
+
 def _utc(value: datetime) -> str:
     return f"{value.astimezone(UTC):%Y-%m-%d %H:%M}"
 
@@ -36,6 +40,7 @@ def format_created_key(plaintext: str, key: GatewayKey, fmt: str) -> str:
             "end_user_id": key.end_user_id,
             "enforce_user_id": key.enforce_user_id,
             "allowed_providers": providers,
+            "credential_mode": _mode(key.inject_credentials),
         }
         return json.dumps(record, indent=2) + "\n"
     return (
@@ -46,6 +51,7 @@ def format_created_key(plaintext: str, key: GatewayKey, fmt: str) -> str:
         f"end user:          {key.end_user_id or '-'}\n"
         f"enforce user ids:  {_enforce(key.enforce_user_id)}\n"
         f"allowed providers: {_providers(key.allowed_providers)}\n"
+        f"credentials:       {_mode(key.inject_credentials)}\n"
     )
 
 
@@ -68,6 +74,7 @@ def format_key_list(rows: Sequence[KeyRow], fmt: str) -> str:
         "end_user",
         "enforce",
         "providers",
+        "credentials",
         "created (UTC)",
         "status",
     ]
@@ -79,6 +86,7 @@ def format_key_list(rows: Sequence[KeyRow], fmt: str) -> str:
             row.end_user_id or "-",
             _enforce(row.enforce_user_id),
             _providers(row.allowed_providers),
+            row.credential_mode,
             _utc(row.created_at),
             f"revoked {_utc(row.revoked_at)}" if row.revoked_at else "active",
         ]

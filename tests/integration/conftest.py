@@ -137,10 +137,16 @@ def wait_for_rows(
 
 @contextlib.contextmanager
 def running_tollgate(
-    state_dir: Path, database_url: str, upstream: FakeUpstream, **settings: str
+    state_dir: Path,
+    database_url: str,
+    upstream: FakeUpstream,
+    extra_env: dict[str, str] | None = None,
+    **settings: str,
 ) -> Iterator[RunningTollgate]:
-    """`tollgate up` against ``upstream`` with extra settings, stopped at the end."""
+    """`tollgate up` against ``upstream`` with extra settings (and environment variables),
+    stopped at the end."""
     env = tollgate_env(state_dir, database_url=database_url, upstream_url=upstream.url, **settings)
+    env.update(extra_env or {})
     process = TollgateProcess(["up"], env)
     try:
         process.wait_for_line("tollgate is ready")

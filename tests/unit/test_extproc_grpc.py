@@ -16,6 +16,7 @@ from tollgate.extproc import responses
 from tollgate.extproc.processor import ProcessorContext, RequestProcessor
 from tollgate.extproc.server import ExternalProcessorServicer
 from tollgate.ledger.records import UsageRecord
+from tollgate.routing.router import Router
 from tollgate.v1 import usage_pb2
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "openai"
@@ -58,7 +59,7 @@ REQUEST = ep.ProcessingRequest(
 @pytest.fixture
 async def channel() -> AsyncIterator[tuple[grpc.aio.Channel, ListSink]]:
     sink = ListSink()
-    context = ProcessorContext(sink=sink, provider="openai", upstream_base_uri="http://up")
+    context = ProcessorContext(sink=sink, router=Router.single("openai", "http://up"))
     server = grpc.aio.server()
     ep_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessorServicer(lambda: RequestProcessor(context)), server
@@ -211,7 +212,7 @@ async def test_non_utf8_user_header_does_not_crash(
 def test_long_user_id_is_truncated() -> None:
     sink = ListSink()
     processor = RequestProcessor(
-        ProcessorContext(sink=sink, provider="openai", upstream_base_uri="")
+        ProcessorContext(sink=sink, router=Router.single("openai", "http://up"))
     )
     processor.request_headers(
         headers((":path", b"/v1/chat/completions"), ("x-tollgate-user-id", b"u" * 300))

@@ -17,6 +17,7 @@ from tollgate.extproc.processor import PolicyConfig, ProcessorContext, RequestPr
 from tollgate.ledger.records import UsageRecord
 from tollgate.policy.identity import JWT_METADATA_NAMESPACE, JWT_PAYLOAD_KEY, IdentityResolver
 from tollgate.policy.keys import GatewayKey
+from tollgate.routing.router import Router
 from tollgate.v1 import usage_pb2
 
 ALL = ("jwt", "key", "header", "body_user", "body_safety_identifier", "body_metadata_user_id")
@@ -47,8 +48,7 @@ def processor(sink: Sink, *, keys: Keys | None = None, **policy: object) -> Requ
     config = PolicyConfig(**{"resolver": IdentityResolver(ALL), **policy})  # type: ignore[arg-type]
     ctx = ProcessorContext(
         sink=sink,
-        provider="openai",
-        upstream_base_uri="http://up",
+        router=Router.single("openai", "http://up", model_prefix_routing=False),
         policy=config,
         keys=keys or Keys(),
     )

@@ -7,6 +7,7 @@ no I/O and never waits: the sink's ``submit`` only enqueues.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -35,6 +36,9 @@ from tollgate.policy.keys import GatewayKey
 from tollgate.policy.refusal import PolicyRefusal
 from tollgate.providers import ParsedResponse, UsageParser, parser_for
 from tollgate.providers.usage import TOKEN_FIELDS
+from tollgate.routing.envoy_headers import UPSTREAM_HOST_HEADER, UPSTREAM_SCHEME_HEADER
+from tollgate.routing.providers import CLIENT_AUTH_HEADERS
+from tollgate.routing.router import Route, Router
 from tollgate.v1 import usage_pb2
 
 __all__ = [
@@ -97,11 +101,10 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class ProcessorContext:
-    """What every processor shares: where records go, the policy, the static route facts."""
+    """What every processor shares: where records go, the policy, the router."""
 
     sink: RecordSink
-    provider: str
-    upstream_base_uri: str
+    router: Router
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     keys: KeyLookup = field(default_factory=_NoKeys)
     monotonic_ns: Callable[[], int] = field(default=time.monotonic_ns)
@@ -141,6 +144,12 @@ class RequestProcessor:
         self._content_encoding: bytes | None = None
         self._awaiting_body = False
         self._body_decides = False
+        self._body_routes = False
+        self._headers: dict[str, bytes] = {}
+        self._path = "/"
+        self._route: Route | None = None
+        self._request_model: str | None = None
+        self._body_decoded = False
         self._block_reason: str | None = None
         self._response_sample: bytearray | None = None
         self._endpoint: str | None = None
@@ -159,34 +168,46 @@ class RequestProcessor:
     def request_headers(
         self, msg: ep.HttpHeaders, metadata: base_pb2.Metadata | None = None
     ) -> ep.ProcessingResponse:
-        headers = header_map(msg)
-        path = headers.get(":path", b"/").decode("utf-8", "replace")
-        self._endpoint = path.split("?", 1)[0]
+        self._headers = headers = header_map(msg)
+        self._path = headers.get(":path", b"/").decode("utf-8", "replace")
+        self._endpoint = self._path.split("?", 1)[0]
         policy = self._ctx.policy
+        router = self._ctx.router
         try:
             self._attribution = att = parse_attribution(headers)
             self._candidates = self._header_candidates(headers, metadata)
+            self._set_route(router.route(self._path, att.base_uri))
         except PolicyRefusal as refusal:
             return self._refuse(refusal)
-        remove = att.strip
-        # Usage can only be read from an uncompressed body.
-        set_headers = [("accept-encoding", b"identity"), *att.forwards]
         self._content_encoding = headers.get("content-encoding")
         body_readable = not msg.end_of_stream and is_json_content_type(headers.get("content-type"))
         self._body_decides = body_readable and policy.resolver.wants_body(self._candidates)
+        # A model prefix can only re-route when no base URI was asked for.
+        self._body_routes = body_readable and router.model_prefix_routing and not att.base_uri
+        log_body = body_readable and policy.log_bodies and not att.logging_disabled
+        remove = list(att.strip)
+        set_headers = [("accept-encoding", b"identity"), *att.forwards]
         if not self._body_decides:
             try:
                 self._decide()
             except PolicyRefusal as refusal:
                 return self._refuse(refusal)
-        log_body = body_readable and policy.log_bodies and not att.logging_disabled
-        if self._body_decides or log_body:
-            # Envoy holds the request (no upstream connection) until the body is answered.
+        if self._body_decides or self._body_routes or log_body:
+            # Envoy holds the request (no upstream connection) until the body is answered;
+            # the route's headers are set then.
             self._awaiting_body = True
             return responses.continue_request_headers(
                 remove=remove, set_headers=set_headers, request_body_mode=responses.BODY_BUFFERED
             )
-        return responses.continue_request_headers(remove=remove, set_headers=set_headers)
+        try:
+            route_remove, route_set = self._route_mutation()
+        except PolicyRefusal as refusal:
+            return self._refuse(refusal)
+        return responses.continue_request_headers(
+            remove=[*remove, *route_remove],
+            set_headers=[*set_headers, *route_set],
+            clear_route_cache=True,
+        )
 
     def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
         if not self._awaiting_body:
@@ -195,17 +216,86 @@ class RequestProcessor:
         policy = self._ctx.policy
         if policy.log_bodies and not self._attribution.logging_disabled:
             body_log.info("request %s body: %r", self._request_id, msg.body[:BODY_LOG_BYTES])
-        if not self._body_decides:
-            return responses.continue_request_body()
+        new_body: bytes | None = None
         try:
-            document = read_json_body(msg.body, self._content_encoding, policy.max_body_bytes)
-            for source, user_id in body_candidates(document).items():
-                if policy.resolver.uses(source):
-                    self._candidates[source] = user_id
-            self._decide()
+            if self._body_decides or self._body_routes:
+                document = read_json_body(msg.body, self._content_encoding, policy.max_body_bytes)
+                model = document.get("model")
+                if isinstance(model, str) and model:
+                    self._request_model = model
+                    new_body = self._route_by_model(document, model)
+                if self._body_decides:
+                    for source, user_id in body_candidates(document).items():
+                        if policy.resolver.uses(source):
+                            self._candidates[source] = user_id
+                    self._decide()
+            route_remove, route_set = self._route_mutation()
         except PolicyRefusal as refusal:
             return self._refuse(refusal)
-        return responses.continue_request_body()
+        if new_body is not None:
+            route_set.append(("content-length", str(len(new_body)).encode()))
+        return responses.continue_request_body(
+            remove=route_remove, set_headers=route_set, body=new_body, clear_route_cache=True
+        )
+
+    def _route_by_model(self, document: dict[str, object], model: str) -> bytes | None:
+        """Re-route by a ``provider/model`` prefix; the body to send instead, if it changed."""
+        routed = self._ctx.router.for_model(self._path, model)
+        if routed is None:
+            return None
+        route, bare = routed
+        self._set_route(route)
+        self._request_model = bare
+        document["model"] = bare
+        # The new body is sent uncompressed, whatever encoding the client used.
+        self._body_decoded = bool(self._content_encoding)
+        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+
+    def _set_route(self, route: Route) -> None:
+        """Take ``route``; a gateway key limited to other providers refuses it."""
+        key = self._key
+        allowed = key.allowed_providers if key is not None else None
+        if allowed is not None and route.provider not in allowed:
+            raise PolicyRefusal.provider_not_allowed(route.provider)
+        self._route = route
+
+    def _route_mutation(self) -> tuple[list[str], list[tuple[str, bytes]]]:
+        """Headers to remove and set so Envoy sends the request where its route says, with
+        the credentials its key's mode calls for."""
+        route = self._route
+        assert route is not None
+        headers = self._headers
+        remove: list[str] = []
+        set_headers: list[tuple[str, bytes]] = [
+            (UPSTREAM_HOST_HEADER, route.base.authority.encode()),
+            (UPSTREAM_SCHEME_HEADER, route.base.scheme.encode()),
+        ]
+        if route.path != self._path:
+            set_headers.append((":path", route.path.encode()))
+        if self._body_decoded:
+            remove.append("content-encoding")
+        provider = route.credentials
+        key = self._key
+        if key is not None and key.inject_credentials:
+            credential = provider.credential_header() if provider is not None else None
+            if provider is not None and provider.needs_credential and credential is None:
+                raise PolicyRefusal.provider_credentials_missing(provider.name)
+            if credential is not None:
+                set_headers.append(credential)
+            # The app's own credentials never travel with an injected one (or to a custom
+            # base URI); the gateway key itself was stripped with the attribution headers.
+            remove += [
+                name
+                for name in CLIENT_AUTH_HEADERS
+                if name in headers
+                and name not in self._attribution.strip
+                and (credential is None or name != credential[0])
+            ]
+        if provider is not None:
+            set_headers += [
+                (name, value.encode()) for name, value in provider.headers if name not in headers
+            ]
+        return remove, set_headers
 
     def _header_candidates(
         self, headers: dict[str, bytes], metadata: base_pb2.Metadata | None
@@ -221,9 +311,6 @@ class RequestProcessor:
             self._key = self._ctx.keys.lookup(token)
             if self._key is None:
                 raise PolicyRefusal.invalid_gateway_key()
-            allowed = self._key.allowed_providers
-            if allowed is not None and self._ctx.provider not in allowed:
-                raise PolicyRefusal.provider_not_allowed(self._ctx.provider)
             if self._key.end_user_id:
                 candidates["key"] = self._key.end_user_id
         if metadata is not None and JWT_METADATA_NAMESPACE in metadata.filter_metadata:
@@ -340,8 +427,6 @@ class RequestProcessor:
             request_id=self._request_id,
             outcome=outcome,  # type: ignore[arg-type]
             streamed=self._streamed,
-            provider=self._ctx.provider,
-            upstream_base_uri=self._ctx.upstream_base_uri,
             latency_ms=(now - self._started_ns) // 1_000_000,
         )
         record.created_at.FromMicroseconds(self._created_us)
@@ -368,9 +453,16 @@ class RequestProcessor:
             record.use_case_version = att.use_case_version
         if self._first_byte_ns is not None and self._streamed:
             record.ttft_ms = (self._first_byte_ns - self._started_ns) // 1_000_000
+        route = self._route
+        if route is not None:
+            record.provider = route.provider
+            record.upstream_base_uri = route.base_uri
+        # The model: what Azure's route-as-resource header names (deployments hide it), else
+        # what the provider answered, else what the request asked for.
+        model = att.route_as_resource or (parsed.model if parsed else None) or self._request_model
+        if model:
+            record.model = model
         if parsed is not None:
-            if parsed.model:
-                record.model = parsed.model
             usage = parsed.usage
             for name in TOKEN_FIELDS:
                 value = getattr(usage, name)

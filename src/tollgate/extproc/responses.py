@@ -56,10 +56,15 @@ def continue_request_headers(
     remove: Iterable[str] = (),
     set_headers: Iterable[tuple[str, bytes]] = (),
     request_body_mode: int | None = None,
+    clear_route_cache: bool = False,
 ) -> ep.ProcessingResponse:
     """Let the request go on, with headers removed/set; optionally ask for the request body
-    (the headers then wait in Envoy, with no upstream connection, until the body is answered)."""
+    (the headers then wait in Envoy, with no upstream connection, until the body is answered).
+
+    ``clear_route_cache``: Envoy recomputes the route after the mutation (routing headers).
+    """
     response = ep.ProcessingResponse(request_headers=_headers_response(remove, set_headers))
+    response.request_headers.response.clear_route_cache = clear_route_cache
     if request_body_mode is not None:
         response.mode_override.request_body_mode = request_body_mode
     return response
@@ -76,8 +81,21 @@ def continue_response_headers(
     return response
 
 
-def continue_request_body() -> ep.ProcessingResponse:
-    return ep.ProcessingResponse(request_body=ep.BodyResponse())
+def continue_request_body(
+    *,
+    remove: Iterable[str] = (),
+    set_headers: Iterable[tuple[str, bytes]] = (),
+    body: bytes | None = None,
+    clear_route_cache: bool = False,
+) -> ep.ProcessingResponse:
+    """Let a buffered request body go on, optionally replaced, with header changes (they apply
+    because the headers are still held while the body is buffered)."""
+    common = ep.CommonResponse(
+        header_mutation=_mutation(remove, set_headers), clear_route_cache=clear_route_cache
+    )
+    if body is not None:
+        common.body_mutation.body = body
+    return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
 
 
 def continue_response_body() -> ep.ProcessingResponse:

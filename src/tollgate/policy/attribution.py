@@ -59,6 +59,7 @@ class RequestAttribution:
     enforce_override: bool | None = None
     gateway_token: bytes | None = None
     route_as_resource: str | None = None
+    base_uri: str | None = None
     forwards: tuple[tuple[str, bytes], ...] = ()
     strip: tuple[str, ...] = ()
 
@@ -69,6 +70,11 @@ def _text(raw: bytes | None) -> str | None:
         return None
     text = raw.decode("utf-8", "replace").strip()
     return text[:MAX_TEXT_CHARS] if text else None
+
+
+def _raw_text(raw: bytes | None) -> str | None:
+    """Decoded as sent (invalid UTF-8 replaced): for values that are validated elsewhere."""
+    return None if raw is None else raw.decode("utf-8", "replace")
 
 
 def _list(raw: bytes | None) -> tuple[str, ...]:
@@ -155,6 +161,7 @@ def parse_attribution(headers: Mapping[str, bytes]) -> RequestAttribution:
         enforce_override=enforce_override,
         gateway_token=gateway_token,
         route_as_resource=_text(_first(headers, h.ROUTE_AS_RESOURCE_HEADERS)),
+        base_uri=_raw_text(_first(headers, h.BASE_URI_HEADERS)),
         forwards=tuple(forwards),
         strip=tuple(sorted(strip)),
     )

@@ -68,6 +68,8 @@ class GatewayKey:
     end_user_id: str | None  # requests made with the key are attributed to this user
     enforce_user_id: bool | None  # None: inherit the global setting
     allowed_providers: frozenset[str] | None  # None: any provider
+    # True: Tollgate injects the provider key it holds; False: the app's own key passes through.
+    inject_credentials: bool = True
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class KeyRow:
     end_user_id: str | None
     enforce_user_id: bool | None
     allowed_providers: list[str] | None
+    credential_mode: str
     created_at: datetime
     revoked_at: datetime | None
 
@@ -110,9 +113,13 @@ def _cache_entry(
     end_user_id: str | None,
     enforce_user_id: bool | None,
     allowed_providers: list[str] | None,
+    credential_mode: str,
 ) -> tuple[bytes, GatewayKey]:
     providers = None if allowed_providers is None else frozenset(allowed_providers)
-    return bytes(key_hash), GatewayKey(key_id, name, end_user_id, enforce_user_id, providers)
+    key = GatewayKey(
+        key_id, name, end_user_id, enforce_user_id, providers, credential_mode == "inject"
+    )
+    return bytes(key_hash), key
 
 
 class KeyCache:
@@ -140,7 +147,8 @@ class KeyCache:
             conn.cursor(row_factory=args_row(_cache_entry)) as cur,
         ):
             await cur.execute(
-                "SELECT key_hash, key_id, name, end_user_id, enforce_user_id, allowed_providers"
+                "SELECT key_hash, key_id, name, end_user_id, enforce_user_id, allowed_providers,"
+                " credential_mode"
                 " FROM tollgate.gateway_keys WHERE revoked_at IS NULL"
             )
             entries = await cur.fetchall()
@@ -189,6 +197,7 @@ async def create_key(
     end_user_id: str | None = None,
     enforce_user_id: bool | None = None,
     allowed_providers: Sequence[str] | None = None,
+    inject_credentials: bool = True,
 ) -> tuple[str, GatewayKey]:
     """Store a new key's hash and policy; return ``(plaintext, key)``, the only time the
     plaintext exists outside the app that receives it."""
@@ -205,8 +214,8 @@ async def create_key(
         async with conn.transaction():
             cur = await conn.execute(
                 "INSERT INTO tollgate.gateway_keys (key_id, key_hash, key_prefix, name,"
-                " end_user_id, enforce_user_id, allowed_providers)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                " end_user_id, enforce_user_id, allowed_providers, credential_mode)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT DO NOTHING RETURNING key_id",
                 (
                     key_id,
@@ -216,12 +225,14 @@ async def create_key(
                     end_user_id,
                     enforce_user_id,
                     providers,
+                    "inject" if inject_credentials else "passthrough",
                 ),
             )
             inserted = await cur.fetchone() is not None
         if inserted:
             frozen = None if providers is None else frozenset(providers)
-            return plaintext, GatewayKey(key_id, name, end_user_id, enforce_user_id, frozen)
+            key = GatewayKey(key_id, name, end_user_id, enforce_user_id, frozen, inject_credentials)
+            return plaintext, key
     raise RuntimeError(f"no unused key id after {_CREATE_ATTEMPTS} attempts")
 
 
@@ -232,6 +243,7 @@ async def list_keys(
     async with conn.cursor(row_factory=class_row(KeyRow)) as cur:
         await cur.execute(
             "SELECT key_id, key_prefix, name, end_user_id, enforce_user_id, allowed_providers,"
+            " credential_mode,"
             " created_at, revoked_at FROM tollgate.gateway_keys"
             " WHERE %s OR revoked_at IS NULL ORDER BY created_at, key_id",
             (include_revoked,),

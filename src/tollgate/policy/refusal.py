@@ -6,9 +6,10 @@ ledger row with outcome ``blocked`` and ``block_reason`` = ``code``.
     PolicyRefusal(Exception)
       status 400  invalid_json, invalid_header_value
       status 401  invalid_gateway_key
-      status 403  user_id_mismatch, provider_not_allowed
+      status 403  user_id_mismatch, provider_not_allowed, base_uri_not_allowed
       status 413  body_too_large
       status 422  user_id_required, invalid_user_id
+      status 500  provider_credentials_missing
 """
 
 from __future__ import annotations
@@ -84,4 +85,22 @@ class PolicyRefusal(Exception):
     def body_too_large(cls, limit: int) -> PolicyRefusal:
         return cls(
             413, "body_too_large", f"The decompressed request body is larger than {limit} bytes."
+        )
+
+    @classmethod
+    def base_uri_not_allowed(cls) -> PolicyRefusal:
+        return cls(
+            403,
+            "base_uri_not_allowed",
+            "The requested base URI is not on this gateway's allow-list.",
+            param="x-tollgate-base-uri",
+        )
+
+    @classmethod
+    def provider_credentials_missing(cls, provider: str) -> PolicyRefusal:
+        return cls(
+            500,
+            "provider_credentials_missing",
+            f"The gateway holds no API key for provider {provider!r}; ask its operator to "
+            "configure one.",
         )
