@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Protocol
 
-__all__ = ["TOKEN_FIELDS", "ParsedResponse", "TokenUsage", "UsageParser"]
+__all__ = ["TOKEN_FIELDS", "ParsedResponse", "RequestFacts", "TokenUsage", "UsageParser"]
 
 
 @dataclass(frozen=True)
@@ -32,14 +33,31 @@ TOKEN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(TokenUsage))
 
 @dataclass(frozen=True)
 class ParsedResponse:
-    """What a parser learned from a whole response body."""
+    """What a parser learned from a whole response body (or as much of it as it saw)."""
 
     usage: TokenUsage
     model: str | None
+    # Non-token units: "images", "audio_seconds", "characters"; only what was reported.
+    units: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """What the request said that a parser may need (the body, when Tollgate read it)."""
+
+    model: str | None = None  # the request's model (path model for Gemini/Bedrock)
+    stream: bool = False
+    input_chars: int | None = None  # len(body["input"]) when a string (text-to-speech)
+    image_count: int | None = None  # body["n"] (image generation)
 
 
 class UsageParser(Protocol):
-    """Fed response body bytes as they pass; asked for the result at the end."""
+    """Fed response body bytes as they pass; asked for the result at the end.
+
+    Parsers never hold a whole stream: SSE is decoded event by event; a JSON body is kept
+    (bounded) until the end. A malformed part is skipped, never fatal. ``result()`` may be
+    called before the end (client abort) and then reports what was seen so far.
+    """
 
     def feed(self, chunk: bytes) -> None: ...
 
