@@ -7,7 +7,6 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tollgate.providers import parser_for
 from tollgate.providers.openai_chat import OpenAIChatParser
 from tollgate.providers.usage import TokenUsage
 
@@ -94,8 +93,3 @@ def test_usage_fields_of_wrong_type_stay_unset() -> None:
         streamed=False,
     )
     assert usage == TokenUsage(total_tokens=7)
-
-
-def test_parser_selection_by_endpoint() -> None:
-    assert isinstance(parser_for("/v1/chat/completions", streamed=True), OpenAIChatParser)
-    assert parser_for("/v1/models", streamed=False) is None

@@ -1,0 +1,55 @@
+"""Decompresses a response body for its usage parser while the client gets the bytes as sent.
+
+Tollgate asks upstreams for ``accept-encoding: identity``; one that answers gzip or deflate
+anyway is still metered: the parser is fed the decoded bytes, incrementally and bounded (a
+compression bomb stops being decoded at ``max_decoded_bytes``, it does not fill memory).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from tollgate.providers.usage import ParsedResponse, UsageParser
+
+__all__ = ["DecodingParser", "decoder_wbits"]
+
+_STEP = 1024 * 1024
+
+
+def decoder_wbits(content_encoding: bytes | None) -> int | None:
+    """zlib ``wbits`` for a single gzip/deflate coding; None for identity or unsupported."""
+    coding = (content_encoding or b"").strip().lower()
+    if coding in (b"gzip", b"x-gzip"):
+        return 16 + zlib.MAX_WBITS
+    if coding == b"deflate":
+        return zlib.MAX_WBITS
+    return None
+
+
+class DecodingParser:
+    """A :class:`UsageParser` that inflates what it is fed before passing it on."""
+
+    def __init__(
+        self, inner: UsageParser, wbits: int, max_decoded_bytes: int = 256 * 1024 * 1024
+    ) -> None:
+        self._inner = inner
+        self._inflater = zlib.decompressobj(wbits)
+        self._left = max_decoded_bytes
+        self.failed = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self.failed or self._left <= 0:
+            return
+        data = chunk
+        try:
+            while data and self._left > 0:
+                out = self._inflater.decompress(data, min(_STEP, self._left))
+                self._left -= len(out)
+                if out:
+                    self._inner.feed(out)
+                data = self._inflater.unconsumed_tail
+        except zlib.error:
+            self.failed = True
+
+    def result(self) -> ParsedResponse:
+        return self._inner.result()
