@@ -40,6 +40,7 @@ from tollgate.localstack import (
 )
 from tollgate.metrics import start_metrics_server
 from tollgate.policy.keys import KeyCache
+from tollgate.pricing import PriceBook, parse_overrides
 from tollgate.routing.allowlist import BaseUriAllowList, InvalidBaseUri
 from tollgate.routing.providers import load_providers
 from tollgate.routing.router import Router
@@ -132,8 +133,10 @@ class Stack:
     def __init__(self, settings: Settings, options: StackOptions | None = None) -> None:
         self.settings = settings
         self.options = options or StackOptions()
-        # Built first: a provider or allow-list mistake stops start-up before anything runs.
+        # Built first: a provider, allow-list or price mistake stops start-up before anything
+        # runs.
         self.router = build_router(settings)
+        self.prices = PriceBook(parse_overrides(settings.price_overrides))
         self._r = _Running()
         self.database_url = ""
         self.grpc_port = 0
@@ -189,6 +192,7 @@ class Stack:
             queue_size=s.writer_queue_size,
             batch_size=s.writer_batch_size,
             flush_interval_s=s.writer_flush_interval_ms / 1000,
+            prices=self.prices,
         )
         self._r.writer.start()
 

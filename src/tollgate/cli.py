@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     revoke = keys_sub.add_parser("revoke", help="revoke a key (within key_cache_refresh_s)")
     revoke.add_argument("key_id", metavar="KEY_ID")
 
+    reprice = sub.add_parser("reprice", help="fill in costs of rows priced as unknown")
+    reprice.add_argument(
+        "--since", type=_when, required=True, help="from this ISO date/time (inclusive, UTC)"
+    )
+    reprice.add_argument("--until", type=_when, help="up to this ISO date/time (default: now)")
+
     fake = sub.add_parser("fake-provider", help="run the built-in fake OpenAI-compatible upstream")
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8090)
@@ -150,6 +156,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if command == "usage":
         return await _usage(args, settings)
+    if command == "reprice":
+        return await _reprice(args, settings)
     if command == "keys":
         return await _keys(args, settings)
     if command == "demo":
@@ -218,6 +226,26 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 raise AssertionError(action)
     sys.stdout.write(out)
+    return 0
+
+
+async def _reprice(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+
+    from tollgate.app import ledger_database, run_migrations
+    from tollgate.ledger.reprice import reprice
+    from tollgate.pricing import PriceBook, parse_overrides
+
+    prices = PriceBook(parse_overrides(settings.price_overrides))
+    until = args.until or datetime.now(UTC)
+    async with ledger_database(settings) as url:
+        await run_migrations(url)
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            result = await reprice(conn, prices, since=args.since, until=until)
+    print(
+        f"examined {result.examined} unpriced rows, priced {result.priced}, "
+        f"added {result.cost_added} USD"
+    )
     return 0
 
 

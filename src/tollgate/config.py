@@ -97,6 +97,17 @@ class Settings:
             "secret": False,
         },
     )
+    price_overrides: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Operator prices that replace genai-prices' for a model: TOML tables "
+            '`[price_overrides."PROVIDER/MODEL"]` or `[price_overrides.MODEL]` (JSON object '
+            "in the environment) with `input_per_mtok`, `output_per_mtok`, "
+            "`cached_input_per_mtok`, `cache_write_per_mtok` (USD per million tokens) and "
+            "`per_request`, `per_image`, `per_audio_second`, `per_character` (USD).",
+            "secret": False,
+        },
+    )
     base_uri_allow_list: tuple[str, ...] = _setting(
         (),
         "Base URIs an app may choose per request with `x-tollgate-base-uri` (exact scheme, "

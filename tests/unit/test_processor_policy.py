@@ -56,7 +56,7 @@ def processor(sink: Sink, *, keys: Keys | None = None, **policy: object) -> Requ
 
 
 def headers(*pairs: tuple[str, bytes], end: bool = False) -> ep.HttpHeaders:
-    base = [(":method", b"POST"), (":path", b"/v1/chat/completions")]
+    base = [(":method", b"POST"), (":path", b"/v1/embeddings")]
     return ep.HttpHeaders(
         headers=base_pb2.HeaderMap(
             headers=[base_pb2.HeaderValue(key=k, raw_value=v) for k, v in [*base, *pairs]]

@@ -256,12 +256,16 @@ def test_gzip_body_is_rewritten_decoded() -> None:
 def test_path_prefix_and_ledger_fields_for_a_custom_base_uri() -> None:
     r = router(base_uri_allow_list=("http://127.0.0.1:8001/prefix",))
     p, first, _, sink = run(
-        r, ("x-tollgate-base-uri", b"http://127.0.0.1:8001/prefix"), body={"model": "m"}
+        r,
+        ("x-tollgate-base-uri", b"http://127.0.0.1:8001/prefix"),
+        body={"model": "m"},
+        path=b"/v1/embeddings",
     )
-    # With a base URI no model prefix can re-route, so the body is not needed.
+    # With a base URI no model prefix can re-route; embeddings' bodies say nothing a parser
+    # needs: the body is not read and the route is set at once.
     assert not first.HasField("mode_override")
     set_headers, _ = mutation_of(first.request_headers.response)
-    assert set_headers[":path"] == b"/prefix/v1/chat/completions"
+    assert set_headers[":path"] == b"/prefix/v1/embeddings"
     assert set_headers["x-tollgate-upstream-host"] == b"127.0.0.1:8001"
     assert set_headers["x-tollgate-upstream-scheme"] == b"http"
     p.close()

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
@@ -34,8 +34,10 @@ from tollgate.policy.identity import (
 )
 from tollgate.policy.keys import GatewayKey
 from tollgate.policy.refusal import PolicyRefusal
-from tollgate.providers import ParsedResponse, UsageParser, parser_for
-from tollgate.providers.usage import TOKEN_FIELDS
+from tollgate.providers import ParsedResponse, UsageParser, parser_for, wants_request_body
+from tollgate.providers.decoding import DecodingParser, decoder_wbits
+from tollgate.providers.sse import SSEEventFilter
+from tollgate.providers.usage import TOKEN_FIELDS, RequestFacts
 from tollgate.routing.envoy_headers import UPSTREAM_HOST_HEADER, UPSTREAM_SCHEME_HEADER
 from tollgate.routing.providers import CLIENT_AUTH_HEADERS
 from tollgate.routing.router import Route, Router
@@ -55,6 +57,21 @@ body_log = logging.getLogger("tollgate.bodies")
 
 # How much of a request or response body ``log_bodies`` writes to the log.
 BODY_LOG_BYTES = 4096
+
+
+# Endpoints whose streams report usage only when asked (`stream_options.include_usage`).
+_INCLUDE_USAGE_ENDPOINTS = ("/chat/completions", "/completions")
+
+
+def _is_usage_only_chunk(data: bytes) -> bool:
+    """The chunk ``include_usage`` adds: empty ``choices`` and a ``usage`` object."""
+    if b'"usage"' not in data:
+        return False
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("choices") == [] and isinstance(doc.get("usage"), dict)
 
 
 class RecordSink(Protocol):
@@ -145,11 +162,15 @@ class RequestProcessor:
         self._awaiting_body = False
         self._body_decides = False
         self._body_routes = False
+        self._body_facts = False
         self._headers: dict[str, bytes] = {}
         self._path = "/"
         self._route: Route | None = None
         self._request_model: str | None = None
         self._body_decoded = False
+        self._facts = RequestFacts()
+        self._usage_injected = False
+        self._filter: SSEEventFilter | None = None
         self._block_reason: str | None = None
         self._response_sample: bytearray | None = None
         self._endpoint: str | None = None
@@ -184,6 +205,7 @@ class RequestProcessor:
         self._body_decides = body_readable and policy.resolver.wants_body(self._candidates)
         # A model prefix can only re-route when no base URI was asked for.
         self._body_routes = body_readable and router.model_prefix_routing and not att.base_uri
+        self._body_facts = body_readable and wants_request_body(self._endpoint)
         log_body = body_readable and policy.log_bodies and not att.logging_disabled
         remove = list(att.strip)
         set_headers = [("accept-encoding", b"identity"), *att.forwards]
@@ -192,7 +214,7 @@ class RequestProcessor:
                 self._decide()
             except PolicyRefusal as refusal:
                 return self._refuse(refusal)
-        if self._body_decides or self._body_routes or log_body:
+        if self._body_decides or self._body_routes or self._body_facts or log_body:
             # Envoy holds the request (no upstream connection) until the body is answered;
             # the route's headers are set then.
             self._awaiting_body = True
@@ -216,40 +238,70 @@ class RequestProcessor:
         policy = self._ctx.policy
         if policy.log_bodies and not self._attribution.logging_disabled:
             body_log.info("request %s body: %r", self._request_id, msg.body[:BODY_LOG_BYTES])
-        new_body: bytes | None = None
+        body_out: bytes | None = None
         try:
-            if self._body_decides or self._body_routes:
+            if self._body_decides or self._body_routes or self._body_facts:
                 document = read_json_body(msg.body, self._content_encoding, policy.max_body_bytes)
-                model = document.get("model")
-                if isinstance(model, str) and model:
-                    self._request_model = model
-                    new_body = self._route_by_model(document, model)
+                changed = self._read_document(document)
                 if self._body_decides:
                     for source, user_id in body_candidates(document).items():
                         if policy.resolver.uses(source):
                             self._candidates[source] = user_id
                     self._decide()
+                if changed:
+                    text = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+                    body_out = text.encode()
+                    # The new body is sent uncompressed, whatever encoding the client used.
+                    self._body_decoded = bool(self._content_encoding)
             route_remove, route_set = self._route_mutation()
         except PolicyRefusal as refusal:
             return self._refuse(refusal)
-        if new_body is not None:
-            route_set.append(("content-length", str(len(new_body)).encode()))
+        if body_out is not None:
+            route_set.append(("content-length", str(len(body_out)).encode()))
         return responses.continue_request_body(
-            remove=route_remove, set_headers=route_set, body=new_body, clear_route_cache=True
+            remove=route_remove, set_headers=route_set, body=body_out, clear_route_cache=True
         )
 
-    def _route_by_model(self, document: dict[str, object], model: str) -> bytes | None:
-        """Re-route by a ``provider/model`` prefix; the body to send instead, if it changed."""
+    def _read_document(self, document: dict[str, Any]) -> bool:
+        """Route by model prefix, note what parsers need, inject ``include_usage``; True when
+        the document was changed and must be sent re-encoded."""
+        changed = False
+        model = document.get("model")
+        if isinstance(model, str) and model:
+            self._request_model = model
+            if self._body_routes:
+                changed = self._route_by_model(document, model)
+        stream = document.get("stream") is True
+        text = document.get("input")
+        count = document.get("n")
+        self._facts = RequestFacts(
+            model=self._request_model,
+            stream=stream,
+            input_chars=len(text) if isinstance(text, str) else None,
+            image_count=count if isinstance(count, int) and not isinstance(count, bool) else None,
+        )
+        if stream and self._endpoint and self._endpoint.endswith(_INCLUDE_USAGE_ENDPOINTS):
+            options = document.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                # Usage arrives only if asked for; the client did not ask, so it will not see
+                # the usage-only chunk either (removed on the way back).
+                document["stream_options"] = {
+                    **(options if isinstance(options, dict) else {}),
+                    "include_usage": True,
+                }
+                self._usage_injected = changed = True
+        return changed
+
+    def _route_by_model(self, document: dict[str, Any], model: str) -> bool:
+        """Re-route by a ``provider/model`` prefix; True when the model was rewritten."""
         routed = self._ctx.router.for_model(self._path, model)
         if routed is None:
-            return None
+            return False
         route, bare = routed
         self._set_route(route)
         self._request_model = bare
         document["model"] = bare
-        # The new body is sent uncompressed, whatever encoding the client used.
-        self._body_decoded = bool(self._content_encoding)
-        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+        return True
 
     def _set_route(self, route: Route) -> None:
         """Take ``route``; a gateway key limited to other providers refuses it."""
@@ -367,15 +419,34 @@ class RequestProcessor:
         ok = self._status is not None and 200 <= self._status < 300
         content_type = headers.get("content-type", b"").split(b";", 1)[0].strip().lower()
         self._streamed = content_type == b"text/event-stream"
-        if ok and not msg.end_of_stream and self._endpoint is not None:
-            self._parser = parser_for(self._endpoint, streamed=self._streamed)
+        route = self._route
+        if ok and self._endpoint is not None and route is not None:
+            self._parser = parser_for(
+                route.api, self._endpoint, streamed=self._streamed, request=self._facts
+            )
+        readable = self._streamed or is_json_content_type(content_type)
+        if self._parser is not None and (msg.end_of_stream or not readable):
+            # Nothing Tollgate reads follows (audio, plain text): the request said it all.
+            self._finish(self._outcome_from_usage())
+            return responses.continue_response_headers(set_headers=set_headers)
         if self._parser is None:
             self._finish(self._outcome_without_body())
             return responses.continue_response_headers(set_headers=set_headers)
+        remove: list[str] = []
+        wbits = decoder_wbits(headers.get("content-encoding"))
+        if wbits is not None:
+            # The upstream ignored accept-encoding: identity. Meter the decoded bytes, pass the
+            # client the encoded ones untouched (so no usage chunk can be removed then).
+            self._parser = DecodingParser(self._parser, wbits)
+        elif self._streamed and self._usage_injected:
+            self._filter = SSEEventFilter(_is_usage_only_chunk)
+            remove.append("content-length")
         if self._ctx.policy.log_bodies and not self._attribution.logging_disabled:
             self._response_sample = bytearray()
         mode = responses.BODY_STREAMED if self._streamed else responses.BODY_BUFFERED
-        return responses.continue_response_headers(set_headers=set_headers, response_body_mode=mode)
+        return responses.continue_response_headers(
+            set_headers=set_headers, remove=remove, response_body_mode=mode
+        )
 
     def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
         if msg.body and self._first_byte_ns is None:
@@ -387,7 +458,14 @@ class RequestProcessor:
             sample += msg.body[: BODY_LOG_BYTES - len(sample)]
         if msg.end_of_stream:
             self._finish(self._outcome_from_usage())
-        return responses.continue_response_body()
+        if self._filter is None:
+            return responses.continue_response_body()
+        passed = self._filter.feed(msg.body)
+        if msg.end_of_stream:
+            passed += self._filter.flush()
+        if passed == msg.body:
+            return responses.continue_response_body()
+        return responses.continue_response_body(body=passed)
 
     def close(self) -> None:
         """The ext_proc stream ended. If the exchange did not complete, the client went away."""
@@ -408,7 +486,8 @@ class RequestProcessor:
 
     def _outcome_from_usage(self) -> int:
         assert self._parser is not None
-        if self._parser.result().usage.reported:
+        result = self._parser.result()
+        if result.usage.reported or result.units:
             return usage_pb2.OUTCOME_OK
         return usage_pb2.OUTCOME_USAGE_MISSING
 
@@ -463,6 +542,8 @@ class RequestProcessor:
         if model:
             record.model = model
         if parsed is not None:
+            for unit, amount in parsed.units.items():
+                record.units[unit] = amount
             usage = parsed.usage
             for name in TOKEN_FIELDS:
                 value = getattr(usage, name)

@@ -73,9 +73,10 @@ def continue_request_headers(
 def continue_response_headers(
     *,
     set_headers: Iterable[tuple[str, bytes]] = (),
+    remove: Iterable[str] = (),
     response_body_mode: int | None = None,
 ) -> ep.ProcessingResponse:
-    response = ep.ProcessingResponse(response_headers=_headers_response((), set_headers))
+    response = ep.ProcessingResponse(response_headers=_headers_response(remove, set_headers))
     if response_body_mode is not None:
         response.mode_override.response_body_mode = response_body_mode
     return response
@@ -98,8 +99,12 @@ def continue_request_body(
     return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
 
 
-def continue_response_body() -> ep.ProcessingResponse:
-    return ep.ProcessingResponse(response_body=ep.BodyResponse())
+def continue_response_body(*, body: bytes | None = None) -> ep.ProcessingResponse:
+    """Let a response body chunk go on, or replace it with ``body``."""
+    response = ep.ProcessingResponse(response_body=ep.BodyResponse())
+    if body is not None:
+        response.response_body.response.body_mutation.body = body
+    return response
 
 
 def error_body(message: str, code: str, *, param: str | None = None) -> bytes:

@@ -30,7 +30,7 @@ AUTH_STYLES: dict[str, tuple[str, str] | None] = {
 # Every header a client may carry a provider credential in; removed when Tollgate injects.
 CLIENT_AUTH_HEADERS: tuple[str, ...] = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 # Request and usage formats Tollgate understands.
-APIS: tuple[str, ...] = ("openai", "anthropic", "gemini", "azure")
+APIS: tuple[str, ...] = ("openai", "anthropic", "gemini", "azure", "bedrock")
 
 _BUILT_IN: dict[str, dict[str, Any]] = {
     "openai": {

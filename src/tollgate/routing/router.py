@@ -49,6 +49,8 @@ def api_for_path(path: str) -> str | None:
         return "anthropic"
     if endpoint.startswith("/openai/deployments/"):
         return "azure"
+    if endpoint.startswith("/model/") and endpoint.endswith(("/converse", "/converse-stream")):
+        return "bedrock"
     if endpoint.startswith(("/v1beta/", "/upload/v1beta/")) or (
         endpoint.startswith("/v1/models/") and ":" in endpoint
     ):
