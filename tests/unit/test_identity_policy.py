@@ -11,7 +11,7 @@ from google.protobuf import struct_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tollgate.extproc.request_body import is_json_content_type, read_json_body
+from tollgate.extproc.request_body import is_json_content_type, multipart_field, read_json_body
 from tollgate.policy.attribution import parse_attribution, parse_bool
 from tollgate.policy.identity import (
     Identity,
@@ -273,3 +273,23 @@ def test_refusal_message_never_echoes_the_body() -> None:
     with pytest.raises(PolicyRefusal) as caught:
         read_json_body(secret, None, 1000)
     assert "top-secret" not in caught.value.message
+
+
+def test_multipart_field() -> None:
+    boundary = b"----tg123"
+    body = (
+        b"------tg123\r\n"
+        b'Content-Disposition: form-data; name="file"; filename="model.mp3"\r\n'
+        b"Content-Type: audio/mpeg\r\n\r\n"
+        b'ID3\x00\xff name="model"\r\n'
+        b"------tg123\r\n"
+        b'Content-Disposition: form-data; name="model"\r\n\r\n'
+        b"whisper-1\r\n"
+        b"------tg123--\r\n"
+    )
+    content_type = b"multipart/form-data; boundary=" + boundary
+    assert multipart_field(body, content_type, "model") == "whisper-1"
+    assert multipart_field(body, content_type, "language") is None
+    assert multipart_field(body, b"application/json", "model") is None
+    assert multipart_field(b"garbage", content_type, "model") is None
+    assert multipart_field(body, b"multipart/form-data", "model") is None

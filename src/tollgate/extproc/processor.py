@@ -19,7 +19,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from tollgate.config import Settings
 from tollgate.extproc import responses
-from tollgate.extproc.request_body import is_json_content_type, read_json_body
+from tollgate.extproc.request_body import (
+    is_json_content_type,
+    multipart_field,
+    read_json_body,
+)
 from tollgate.ledger.records import UsageRecord, new_request_id
 from tollgate.policy.attribution import RequestAttribution, parse_attribution
 from tollgate.policy.headers import LIST_HEADERS, REQUEST_ID_HEADER
@@ -59,6 +63,8 @@ body_log = logging.getLogger("tollgate.bodies")
 BODY_LOG_BYTES = 4096
 
 
+# Endpoints whose multipart/form-data request names the model in a form field.
+_FORM_MODEL_ENDPOINTS = ("/audio/transcriptions", "/audio/translations")
 # Endpoints whose streams report usage only when asked (`stream_options.include_usage`).
 _INCLUDE_USAGE_ENDPOINTS = ("/chat/completions", "/completions")
 
@@ -163,6 +169,8 @@ class RequestProcessor:
         self._body_decides = False
         self._body_routes = False
         self._body_facts = False
+        self._body_form = False
+        self._content_type: bytes | None = None
         self._headers: dict[str, bytes] = {}
         self._path = "/"
         self._route: Route | None = None
@@ -206,6 +214,13 @@ class RequestProcessor:
         # A model prefix can only re-route when no base URI was asked for.
         self._body_routes = body_readable and router.model_prefix_routing and not att.base_uri
         self._body_facts = body_readable and wants_request_body(self._endpoint)
+        # Transcriptions name their model in a multipart form field.
+        self._content_type = headers.get("content-type")
+        self._body_form = (
+            not msg.end_of_stream
+            and self._endpoint.endswith(_FORM_MODEL_ENDPOINTS)
+            and (self._content_type or b"").lower().startswith(b"multipart/form-data")
+        )
         log_body = body_readable and policy.log_bodies and not att.logging_disabled
         remove = list(att.strip)
         set_headers = [("accept-encoding", b"identity"), *att.forwards]
@@ -214,7 +229,8 @@ class RequestProcessor:
                 self._decide()
             except PolicyRefusal as refusal:
                 return self._refuse(refusal)
-        if self._body_decides or self._body_routes or self._body_facts or log_body:
+        wanted = self._body_decides or self._body_routes or self._body_facts or self._body_form
+        if wanted or log_body:
             # Envoy holds the request (no upstream connection) until the body is answered;
             # the route's headers are set then.
             self._awaiting_body = True
@@ -239,6 +255,10 @@ class RequestProcessor:
         if policy.log_bodies and not self._attribution.logging_disabled:
             body_log.info("request %s body: %r", self._request_id, msg.body[:BODY_LOG_BYTES])
         body_out: bytes | None = None
+        if self._body_form:
+            model = multipart_field(msg.body, self._content_type, "model")
+            self._request_model = model
+            self._facts = RequestFacts(model=model)
         try:
             if self._body_decides or self._body_routes or self._body_facts:
                 document = read_json_body(msg.body, self._content_encoding, policy.max_body_bytes)

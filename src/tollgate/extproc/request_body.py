@@ -12,7 +12,7 @@ from typing import Any
 
 from tollgate.policy.refusal import PolicyRefusal
 
-__all__ = ["is_json_content_type", "read_json_body"]
+__all__ = ["is_json_content_type", "multipart_field", "read_json_body"]
 
 _ZLIB_WBITS = {
     b"gzip": 16 + zlib.MAX_WBITS,
@@ -73,3 +73,32 @@ def read_json_body(body: bytes, content_encoding: bytes | None, limit: int) -> d
     except RecursionError:
         raise PolicyRefusal.invalid_json("it is nested too deeply") from None
     return document if isinstance(document, dict) else {}
+
+
+def multipart_field(body: bytes, content_type: bytes | None, name: str) -> str | None:
+    """The value of the text field ``name`` of a ``multipart/form-data`` body (RFC 7578), or
+    None when it is absent or the body is not what its content type says. Never raises."""
+    if content_type is None:
+        return None
+    media, _, params = content_type.partition(b";")
+    if media.strip().lower() != b"multipart/form-data":
+        return None
+    boundary = None
+    for param in params.split(b";"):
+        key, _, value = param.strip().partition(b"=")
+        if key.lower() == b"boundary":
+            boundary = value.strip().strip(b'"')
+    if not boundary:
+        return None
+    wanted = f'name="{name}"'.encode()
+    for part in body.split(b"--" + boundary):
+        head, sep, value = part.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        disposition = [
+            line for line in head.split(b"\r\n") if line.lower().startswith(b"content-disposition:")
+        ]
+        if disposition and wanted in disposition[0] and b"filename=" not in disposition[0]:
+            text = value.removesuffix(b"\r\n").decode("utf-8", "replace").strip()
+            return text[:255] or None
+    return None
