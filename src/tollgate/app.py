@@ -28,6 +28,7 @@ from tollgate.config import ConfigError, Settings, mask_url
 from tollgate.envoyconf import render_yaml
 from tollgate.extproc.processor import PolicyConfig, ProcessorContext, RequestProcessor
 from tollgate.extproc.server import ExternalProcessorServicer
+from tollgate.ledger.journal import Journal
 from tollgate.ledger.migrate import apply_migrations
 from tollgate.ledger.service import UsageServicer
 from tollgate.ledger.writer import LedgerWriter
@@ -124,6 +125,8 @@ class _Running:
     extproc: ExternalProcessorServicer | None = None
     keys: KeyCache | None = None
     key_refresher: asyncio.Task[None] | None = None
+    journal: Journal | None = None
+    fsync: asyncio.Task[None] | None = None
     exits: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
 
@@ -187,14 +190,22 @@ class Stack:
 
     def _start_writer(self) -> None:
         s = self.settings
+        journal = Journal(s.resolved_state_dir() / "journal")
+        self._r.journal = journal
         self._r.writer = LedgerWriter(
             self.pool,
             queue_size=s.writer_queue_size,
             batch_size=s.writer_batch_size,
             flush_interval_s=s.writer_flush_interval_ms / 1000,
             prices=self.prices,
+            journal=journal,
+            journal_max_bytes=s.journal_max_bytes,
+            reject_when_full=s.journal_full_policy == "reject",
         )
         self._r.writer.start()
+        self._r.fsync = asyncio.create_task(
+            self._r.writer.run_fsync(s.journal_fsync_interval_ms / 1000), name="journal-fsync"
+        )
 
     async def _start_key_cache(self) -> None:
         """Load the gateway keys before serving, then reload them in the background."""
@@ -270,6 +281,12 @@ class Stack:
                 await r.key_refresher
         if r.writer is not None:
             await r.writer.close(timeout_s=5.0)
+        if r.fsync is not None:
+            r.fsync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await r.fsync
+        if r.journal is not None:
+            r.journal.close()
         if r.metrics_stop is not None:
             r.metrics_stop()
         if r.pool is not None:
@@ -282,7 +299,7 @@ class Stack:
         writer = self.writer
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while writer.stats.written + writer.stats.duplicates < writer.stats.submitted:
+        while writer.pending:
             if loop.time() > deadline:
                 raise TimeoutError(f"{writer.pending} ledger records still pending")
             await asyncio.sleep(0.02)

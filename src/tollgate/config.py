@@ -141,8 +141,8 @@ class Settings:
     )
     writer_queue_size: int = _setting(
         100_000,
-        "Capacity of the in-memory queue between the request path and the ledger writer, "
-        "in records.",
+        "Capacity of the in-memory queue between the request path and the ledger writer, in "
+        "records, where no journal is used (tools and tests; `serve` and `up` journal).",
     )
     writer_batch_size: int = _setting(
         1000, "Most records the ledger writer sends to Postgres in one transaction."
@@ -150,6 +150,22 @@ class Settings:
     writer_flush_interval_ms: int = _setting(
         100,
         "Longest a record waits in the writer before its batch is sent, in milliseconds.",
+    )
+    journal_max_bytes: int = _setting(
+        1024 * 1024 * 1024,
+        "Cap of the local journal's records not yet in Postgres, in bytes (records are "
+        "~300-600 bytes: the default holds a few million requests while Postgres is away).",
+    )
+    journal_full_policy: str = _setting(
+        "reject",
+        "At the journal cap: `reject` answers new requests 503 `ledger_unavailable` so nothing "
+        "served goes unrecorded; `allow` lets traffic flow and counts what is not recorded "
+        '(`tollgate_ledger_records{state="dropped"}`, and a log line per record).',
+    )
+    journal_fsync_interval_ms: int = _setting(
+        100,
+        "How often the journal is fsynced (group commit), in milliseconds: the most a lost "
+        "machine can lose. A killed process loses nothing.",
     )
     log_level: str = _setting("info", "Log level: debug, info, warning or error.")
     # -- identity and policy ------------------------------------------------------------------
@@ -322,6 +338,8 @@ def _validated(settings: Settings) -> Settings:
         "writer_queue_size",
         "writer_batch_size",
         "writer_flush_interval_ms",
+        "journal_max_bytes",
+        "journal_fsync_interval_ms",
     )
     for name in positive:
         if getattr(settings, name) <= 0:
@@ -330,6 +348,10 @@ def _validated(settings: Settings) -> Settings:
     if unknown:
         raise ConfigError(
             f"identity_sources: unknown source(s) {unknown}; known: {', '.join(IDENTITY_SOURCES)}"
+        )
+    if settings.journal_full_policy not in ("reject", "allow"):
+        raise ConfigError(
+            f"journal_full_policy must be reject or allow, got {settings.journal_full_policy!r}"
         )
     if settings.spoofed_user_id not in ("ignore", "refuse"):
         raise ConfigError(

@@ -29,6 +29,8 @@ class ListSink:
         self.records: list[UsageRecord] = []
         self.arrived = asyncio.Event()
 
+    accepting = True
+
     def submit(self, record: UsageRecord) -> bool:
         self.records.append(record)
         self.arrived.set()

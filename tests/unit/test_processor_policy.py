@@ -27,6 +27,8 @@ class Sink:
     def __init__(self) -> None:
         self.records: list[UsageRecord] = []
 
+    accepting = True
+
     def submit(self, record: UsageRecord) -> bool:
         self.records.append(record)
         return True

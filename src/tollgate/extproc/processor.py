@@ -83,6 +83,11 @@ def _is_usage_only_chunk(data: bytes) -> bool:
 class RecordSink(Protocol):
     def submit(self, record: UsageRecord) -> bool: ...
 
+    @property
+    def accepting(self) -> bool:
+        """False when records cannot be kept and new requests must be refused."""
+        ...
+
 
 class KeyLookup(Protocol):
     def lookup(self, token: bytes) -> GatewayKey | None: ...
@@ -197,6 +202,19 @@ class RequestProcessor:
     def request_headers(
         self, msg: ep.HttpHeaders, metadata: base_pb2.Metadata | None = None
     ) -> ep.ProcessingResponse:
+        if not self._ctx.sink.accepting:
+            # The journal is full (Postgres away too long): serve nothing that could not be
+            # recorded. This answer itself cannot be recorded either.
+            self._finished = True
+            return responses.immediate_error(
+                503,
+                "ledger_unavailable",
+                "The usage ledger is unavailable; retry shortly.",
+                extra_headers=[
+                    (REQUEST_ID_HEADER, self._request_id.encode()),
+                    ("retry-after", b"5"),
+                ],
+            )
         self._headers = headers = header_map(msg)
         self._path = headers.get(":path", b"/").decode("utf-8", "replace")
         self._endpoint = self._path.split("?", 1)[0]

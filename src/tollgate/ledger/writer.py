@@ -1,10 +1,14 @@
 """The ledger writer: takes UsageRecords off the request path and stores them in batches.
 
 The request path calls :meth:`LedgerWriter.submit`, which never blocks and never awaits
-Postgres. A single task drains the bounded queue into batches; each batch is COPYed into a
-per-connection staging table and moved with ``INSERT … ON CONFLICT DO NOTHING RETURNING``,
-and ``tollgate.daily_usage`` is updated only from the rows actually inserted, in the same
-transaction. Writing a batch twice therefore changes nothing.
+Postgres. With a :class:`~tollgate.ledger.journal.Journal` (always, in `serve`/`up`), submit
+appends the record to the journal and the writer ships journal records in order, advancing
+the journal's checkpoint after each commit; without one (tests, tools) records wait in a
+bounded in-memory queue. Each batch is COPYed into a per-connection staging table and moved
+with ``INSERT … ON CONFLICT DO NOTHING RETURNING``; ``tollgate.daily_usage`` is updated only
+from the rows actually inserted, in the same transaction, so writing a batch twice changes
+nothing. A batch that Postgres refuses for its data is written record by record and the
+refused records go to ``tollgate.dead_letters`` with the error; the rest commit.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from decimal import Decimal
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from tollgate.ledger.journal import Journal
 from tollgate.ledger.records import COLUMNS, OUTCOME_NAMES, UsageRecord, optional, record_to_row
 from tollgate.pricing import PriceBook
 from tollgate.v1 import usage_pb2
@@ -88,7 +93,14 @@ class WriterStats:
     batches: int = 0
     failed_attempts: int = 0
     unpriced: int = 0
+    replayed: int = 0
+    dead_letters: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
+
+
+_DEAD_LETTER = "INSERT INTO tollgate.dead_letters (request_id, error, record) VALUES (%s, %s, %s)"
+# Postgres refused the data itself (not the connection): retrying the batch cannot help.
+_DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.InvalidTextRepresentation)
 
 
 class LedgerWriter:
@@ -102,18 +114,53 @@ class LedgerWriter:
         batch_size: int,
         flush_interval_s: float,
         prices: PriceBook | None = None,
+        journal: Journal | None = None,
+        journal_max_bytes: int = 0,
+        reject_when_full: bool = True,
     ) -> None:
+        self.stats = WriterStats()
         self._pool = pool
         self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue(maxsize=queue_size)
+        self._journal = journal
+        self._journal_max = journal_max_bytes
+        self._reject_when_full = reject_when_full
+        self._arrived = asyncio.Event()
+        self._read_pos = journal.checkpoint_pos if journal is not None else 0
+        self._unshipped = 0
+        if journal is not None:
+            # Count what a previous run left unshipped: it is replayed first.
+            self._unshipped = self.stats_replay_count(journal)
         self._batch_size = batch_size
         self._flush_interval_s = flush_interval_s
         self._prices = prices or PriceBook()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self.stats = WriterStats()
+
+    @staticmethod
+    def stats_replay_count(journal: Journal) -> int:
+        count, pos = 0, journal.checkpoint_pos
+        while True:
+            entries = journal.read(pos, 10_000)
+            if not entries:
+                return count
+            count += len(entries)
+            pos = entries[-1].end
+
+    @property
+    def accepting(self) -> bool:
+        """False when the journal is at its cap and the policy is to refuse new requests."""
+        return not (self._reject_when_full and self._journal_full)
+
+    @property
+    def _journal_full(self) -> bool:
+        journal = self._journal
+        return journal is not None and 0 < self._journal_max <= journal.unshipped_bytes
 
     def submit(self, record: UsageRecord) -> bool:
-        """Hand one record to the writer without waiting; False if the queue is full."""
+        """Hand one record to the writer without waiting (with a journal: write it to disk
+        first); False if it could not be kept (queue or journal full)."""
+        if self._journal is not None:
+            return self._append(self._journal, record)
         try:
             self._queue.put_nowait(record)
         except asyncio.QueueFull:
@@ -128,9 +175,45 @@ class LedgerWriter:
         self.stats.outcomes[OUTCOME_NAMES[record.outcome]] += 1
         return True
 
+    def _append(self, journal: Journal, record: UsageRecord) -> bool:
+        if self._journal_full:
+            self.stats.dropped += 1
+            log.error(
+                "ledger journal full (%d unshipped bytes, Postgres away?): record %s not kept",
+                journal.unshipped_bytes,
+                record.request_id,
+            )
+            return False
+        try:
+            journal.append(record)
+        except OSError as exc:
+            self.stats.dropped += 1
+            log.error(
+                "ledger journal write failed (%s): record %s not kept", exc, record.request_id
+            )
+            return False
+        self.stats.submitted += 1
+        self.stats.outcomes[OUTCOME_NAMES[record.outcome]] += 1
+        self._unshipped += 1
+        self._arrived.set()
+        return True
+
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        """Records accepted but not yet in Postgres."""
+        return self._unshipped if self._journal is not None else self._queue.qsize()
+
+    async def run_fsync(self, interval_s: float) -> None:
+        """fsync the journal every ``interval_s`` (group commit to disk) until cancelled."""
+        journal = self._journal
+        if journal is None:
+            return
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await asyncio.to_thread(journal.sync)
+            except OSError as exc:
+                log.error("journal fsync failed: %s", exc)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
@@ -151,6 +234,25 @@ class LedgerWriter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    async def _next_journal_batch(self, journal: Journal) -> tuple[list[UsageRecord], int]:
+        """Up to ``batch_size`` journal records from the read position (waiting up to the
+        flush interval for a batch to fill), and the position after them."""
+        deadline = time.monotonic() + self._flush_interval_s
+        while True:
+            self._arrived.clear()
+            entries = journal.read(self._read_pos, self._batch_size)
+            remaining = deadline - time.monotonic()
+            if len(entries) >= self._batch_size or self._closing or remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            if not entries and time.monotonic() >= deadline:
+                entries = journal.read(self._read_pos, self._batch_size)
+                break
+        if not entries:
+            return [], self._read_pos
+        return [e.record for e in entries], entries[-1].end
 
     async def _next_batch(self) -> list[UsageRecord]:
         """Up to ``batch_size`` records: those queued now and those arriving within the
@@ -173,13 +275,25 @@ class LedgerWriter:
     async def _run(self) -> None:
         await self._ensure_partitions()
         last_partition_check = time.monotonic()
+        journal = self._journal
+        if journal is not None and self._unshipped:
+            self.stats.replayed = self._unshipped
+            log.info("replaying %d journal records not yet in Postgres", self._unshipped)
         while True:
-            batch = await self._next_batch()
+            if journal is not None:
+                batch, end = await self._next_journal_batch(journal)
+            else:
+                batch, end = await self._next_batch(), 0
             if not batch:
                 if self._closing:
                     return
                 continue
-            await self._write_with_retry(batch)
+            if not await self._write_with_retry(batch):
+                return  # shutting down with Postgres away: the journal keeps them
+            if journal is not None:
+                journal.commit(end)
+                self._read_pos = end
+                self._unshipped = max(self._unshipped - len(batch), 0)
             if time.monotonic() - last_partition_check > 3600:
                 await self._ensure_partitions()
                 last_partition_check = time.monotonic()
@@ -191,20 +305,29 @@ class LedgerWriter:
         except psycopg.Error as exc:
             log.warning("could not create ledger partitions ahead: %s", exc)
 
-    async def _write_with_retry(self, batch: Sequence[UsageRecord]) -> None:
+    async def _write_with_retry(self, batch: Sequence[UsageRecord]) -> bool:
+        """Store ``batch``, retrying while Postgres is away; False when giving up at shutdown
+        (the records stay in the journal, or are lost without one)."""
         rows = self._rows(batch)
         delay = 0.05
         attempts = 0
         while True:
             try:
                 await self._store(rows)
-                return
+                return True
+            except _DATA_ERRORS as exc:
+                log.warning(
+                    "a batch of %d records was refused (%s); writing one by one", len(batch), exc
+                )
+                await self._store_each(batch, rows)
+                return True
             except (psycopg.Error, OSError) as exc:
                 attempts += 1
                 self.stats.failed_attempts += 1
                 if self._closing and attempts > 3:
-                    log.error("giving up on %d records at shutdown: %s", len(batch), exc)
-                    return
+                    kept = "kept in the journal" if self._journal is not None else "lost"
+                    log.error("giving up on %d records at shutdown (%s): %s", len(batch), kept, exc)
+                    return False
                 log.warning(
                     "ledger write of %d records failed (%s); retrying in %.2fs",
                     len(batch),
@@ -213,6 +336,24 @@ class LedgerWriter:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _store_each(
+        self, batch: Sequence[UsageRecord], rows: Sequence[tuple[object, ...]]
+    ) -> None:
+        """Store records one by one; those Postgres refuses go to the dead-letter table."""
+        for record, row in zip(batch, rows, strict=True):
+            try:
+                await self._store([row])
+            except _DATA_ERRORS as exc:
+                async with self._pool.connection() as conn:
+                    await conn.execute(
+                        _DEAD_LETTER,
+                        (record.request_id, str(exc).strip(), record.SerializeToString()),
+                    )
+                self.stats.dead_letters += 1
+                log.error(
+                    "record %s refused by Postgres, dead-lettered: %s", record.request_id, exc
+                )
 
     async def write_batch(self, batch: Sequence[UsageRecord]) -> int:
         """Store ``batch`` idempotently; return how many rows were new."""

@@ -1,0 +1,229 @@
+"""The local journal: every UsageRecord is on disk before the client gets its last byte.
+
+Records are appended to segment files as length-delimited protobuf (a varint length, then the
+serialized ``UsageRecord``) with a plain ``write`` — the request path never waits for the disk
+to flush. A background task ``fsync``s the open segment every interval (default 100 ms). The
+ledger writer reads records back from the journal in order, ships them to Postgres in batches
+and, after each commit, advances the checkpoint (a small file replaced atomically). On start
+everything past the checkpoint is read again, so:
+
+- a killed process (SIGKILL) loses nothing: written bytes are in the page cache;
+- a lost machine loses at most one fsync interval;
+- a record shipped twice is harmless: inserts are idempotent by ``request_id``.
+
+Positions are global byte offsets; a segment file is named after the offset of its first
+byte. Segments wholly behind the checkpoint are deleted. A torn record at the end of the last
+segment (a crash mid-write) is ignored and overwritten by the next append.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+
+from tollgate.ledger.records import UsageRecord
+
+__all__ = ["Journal", "JournalEntry"]
+
+log = logging.getLogger(__name__)
+
+_SUFFIX = ".journal"
+_CHECKPOINT = "checkpoint"
+_READ_BYTES = 4 * 1024 * 1024
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int] | None:
+    """(value, position after it), or None when the varint is cut off."""
+    shift = value = 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return None
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    record: UsageRecord
+    end: int  # position just after this record
+
+
+class Journal:
+    """Append-only, segmented, checkpointed record log in one directory."""
+
+    def __init__(self, directory: Path, *, segment_bytes: int = 64 * 1024 * 1024) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._segment_bytes = segment_bytes
+        self.checkpoint_pos = self._load_checkpoint()
+        segments = self._segments()
+        if not segments:
+            start = self.checkpoint_pos
+            segments = [start]
+            self._path(start).touch()
+        self._write_start = segments[-1]
+        self._write_path = self._path(self._write_start)
+        # Cut a torn tail (a crash mid-append) so the next append starts on a record boundary.
+        valid = self._valid_length(self._write_path)
+        if valid < self._write_path.stat().st_size:
+            log.warning("journal %s: dropping a torn record at its end", self._write_path.name)
+            os.truncate(self._write_path, valid)
+        self.end_pos = self._write_start + valid
+        self.checkpoint_pos = min(max(self.checkpoint_pos, segments[0]), self.end_pos)
+        self._fd = os.open(self._write_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._dirty = False
+
+    # -- writing (request path: one write syscall, no fsync) ------------------------------------
+
+    def append(self, record: UsageRecord) -> int:
+        """Write one record; returns the position after it."""
+        payload = record.SerializeToString()
+        frame = _varint(len(payload)) + payload
+        if self.end_pos - self._write_start + len(frame) > self._segment_bytes:
+            self._rotate()
+        os.write(self._fd, frame)
+        self.end_pos += len(frame)
+        self._dirty = True
+        return self.end_pos
+
+    @property
+    def unshipped_bytes(self) -> int:
+        return self.end_pos - self.checkpoint_pos
+
+    def sync(self) -> None:
+        """fsync the open segment if anything was written since the last sync."""
+        if self._dirty:
+            self._dirty = False
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        self.sync()
+        os.close(self._fd)
+
+    def _rotate(self) -> None:
+        self.sync()
+        os.close(self._fd)
+        self._write_start = self.end_pos
+        self._write_path = self._path(self._write_start)
+        self._fd = os.open(self._write_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._fsync_dir()
+
+    # -- reading and checkpoints (the writer) ---------------------------------------------------
+
+    def read(self, start: int, max_records: int) -> list[JournalEntry]:
+        """Up to ``max_records`` complete records from position ``start`` on."""
+        entries: list[JournalEntry] = []
+        segments = self._segments()
+        for index, seg_start in enumerate(segments):
+            seg_end = segments[index + 1] if index + 1 < len(segments) else self.end_pos
+            if seg_end <= start or len(entries) >= max_records:
+                continue
+            pos = max(start - seg_start, 0)
+            with open(self._path(seg_start), "rb") as f:
+                while len(entries) < max_records:
+                    f.seek(pos)
+                    data = f.read(_READ_BYTES)
+                    taken = self._parse(data, seg_start + pos, max_records - len(entries), entries)
+                    if taken == 0:
+                        head = _read_varint(data, 0)
+                        if head is None or len(data) >= head[0] + head[1]:
+                            break  # end of what is written (or a torn tail)
+                        # One record longer than a read: read exactly it.
+                        f.seek(pos)
+                        taken = self._parse(f.read(head[0] + head[1]), seg_start + pos, 1, entries)
+                        if taken == 0:
+                            break
+                    pos += taken
+            start = seg_start + pos
+        return entries
+
+    @staticmethod
+    def _parse(data: bytes, base: int, limit: int, entries: list[JournalEntry]) -> int:
+        """Append up to ``limit`` whole records found in ``data``; bytes consumed."""
+        pos = 0
+        while limit > 0:
+            head = _read_varint(data, pos)
+            if head is None:
+                break
+            length, body = head
+            if body + length > len(data):
+                break
+            record = UsageRecord()
+            try:
+                record.ParseFromString(data[body : body + length])
+            except DecodeError:
+                log.error("journal: undecodable record at %d skipped", base + pos)
+            else:
+                entries.append(JournalEntry(record, base + body + length))
+                limit -= 1
+            pos = body + length
+        return pos
+
+    def commit(self, position: int) -> None:
+        """Everything before ``position`` is in Postgres: checkpoint it, drop old segments."""
+        if position <= self.checkpoint_pos:
+            return
+        self.checkpoint_pos = position
+        tmp = self.dir / (_CHECKPOINT + ".tmp")
+        tmp.write_text(str(position), encoding="ascii")
+        os.replace(tmp, self.dir / _CHECKPOINT)
+        segments = self._segments()
+        for seg_start, next_start in itertools.pairwise(segments):
+            if next_start <= position:
+                self._path(seg_start).unlink(missing_ok=True)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _path(self, start: int) -> Path:
+        return self.dir / f"{start:020d}{_SUFFIX}"
+
+    def _segments(self) -> list[int]:
+        starts = []
+        for path in self.dir.glob("*" + _SUFFIX):
+            try:
+                starts.append(int(path.name.removesuffix(_SUFFIX)))
+            except ValueError:
+                continue
+        return sorted(starts)
+
+    def _load_checkpoint(self) -> int:
+        try:
+            return int((self.dir / _CHECKPOINT).read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            return 0
+
+    def _valid_length(self, path: Path) -> int:
+        data = path.read_bytes()
+        pos = 0
+        while True:
+            head = _read_varint(data, pos)
+            if head is None or head[1] + head[0] > len(data):
+                return pos
+            pos = head[1] + head[0]
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
