@@ -34,6 +34,8 @@ class StackCollector(Collector):
         records.add_metric(["written"], stats.written)
         records.add_metric(["duplicate"], stats.duplicates)
         records.add_metric(["dropped"], stats.dropped)
+        records.add_metric(["dead_letter"], stats.dead_letters)
+        records.add_metric(["replayed"], stats.replayed)
         yield records
         outcomes = CounterMetricFamily(
             "tollgate_requests", "Requests seen by ext_proc, by ledger outcome", labels=["outcome"]
