@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 _SUFFIX = ".journal"
 _CHECKPOINT = "checkpoint"
-_READ_BYTES = 4 * 1024 * 1024
+_READ_BYTES = 1024 * 1024
 
 
 def _varint(n: int) -> bytes:

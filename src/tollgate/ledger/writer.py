@@ -25,7 +25,7 @@ from decimal import Decimal
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from tollgate.ledger.journal import Journal
+from tollgate.ledger.journal import Journal, JournalEntry
 from tollgate.ledger.records import COLUMNS, OUTCOME_NAMES, UsageRecord, optional, record_to_row
 from tollgate.pricing import PriceBook
 from tollgate.v1 import usage_pb2
@@ -195,7 +195,8 @@ class LedgerWriter:
         self.stats.submitted += 1
         self.stats.outcomes[OUTCOME_NAMES[record.outcome]] += 1
         self._unshipped += 1
-        self._arrived.set()
+        if self._unshipped >= self._batch_size:
+            self._arrived.set()  # a full batch is waiting; otherwise the flush timer ships it
         return True
 
     @property
@@ -221,6 +222,7 @@ class LedgerWriter:
     async def close(self, timeout_s: float = 10.0) -> None:
         """Write what is queued (up to ``timeout_s``), then stop."""
         self._closing = True
+        self._arrived.set()
         if self._task is None:
             return
         try:
@@ -236,23 +238,22 @@ class LedgerWriter:
                 await self._task
 
     async def _next_journal_batch(self, journal: Journal) -> tuple[list[UsageRecord], int]:
-        """Up to ``batch_size`` journal records from the read position (waiting up to the
-        flush interval for a batch to fill), and the position after them."""
+        """Up to ``batch_size`` journal records from the read position, waiting up to the
+        flush interval for a batch to fill, and the position after them."""
         deadline = time.monotonic() + self._flush_interval_s
+        entries: list[JournalEntry] = []
+        position = self._read_pos
         while True:
             self._arrived.clear()
-            entries = journal.read(self._read_pos, self._batch_size)
+            entries += journal.read(position, self._batch_size - len(entries))
+            if entries:
+                position = entries[-1].end
             remaining = deadline - time.monotonic()
             if len(entries) >= self._batch_size or self._closing or remaining <= 0:
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            if not entries and time.monotonic() >= deadline:
-                entries = journal.read(self._read_pos, self._batch_size)
-                break
-        if not entries:
-            return [], self._read_pos
-        return [e.record for e in entries], entries[-1].end
+        return [e.record for e in entries], position
 
     async def _next_batch(self) -> list[UsageRecord]:
         """Up to ``batch_size`` records: those queued now and those arriving within the
