@@ -38,10 +38,12 @@ _UNIT_RATES = {
     "per_character": "characters",
 }
 # genai-prices names some providers differently from Tollgate's provider names.
-_PRICING_PROVIDER = {"gemini": "google"}
-# Providers whose reported input_tokens exclude cache reads and writes (Anthropic reports the
-# three separately); pricing counts all input, as genai-prices' Usage expects.
-_INPUT_EXCLUDES_CACHE = frozenset({"anthropic"})
+_PRICING_PROVIDER = {"gemini": "google", "bedrock": "aws"}
+# Providers whose reported input excludes cache reads and writes (Anthropic, Bedrock report
+# them separately) and whose output excludes reasoning (Gemini's thoughts): pricing counts all
+# input and all output, as genai-prices' Usage expects (its own extractors do the same).
+_INPUT_EXCLUDES_CACHE = frozenset({"anthropic", "bedrock"})
+_OUTPUT_EXCLUDES_REASONING = frozenset({"gemini"})
 
 
 @dataclass(frozen=True)
@@ -123,12 +125,15 @@ class PriceBook:
         output_tokens: int | None,
         cached_input_tokens: int | None = None,
         cache_write_tokens: int | None = None,
+        reasoning_tokens: int | None = None,
         units: Mapping[str, float] | None = None,
     ) -> Decimal | None:
         if not model:
             return None
         if input_tokens is not None and provider in _INPUT_EXCLUDES_CACHE:
             input_tokens += (cached_input_tokens or 0) + (cache_write_tokens or 0)
+        if output_tokens is not None and provider in _OUTPUT_EXCLUDES_REASONING:
+            output_tokens += reasoning_tokens or 0
         override = self._overrides.get(f"{provider}/{model}".lower()) or self._overrides.get(
             model.lower()
         )

@@ -304,31 +304,7 @@ def test_anthropic_messages(stack: RunningTollgate, database_url: str) -> None:
         messages=MESSAGES,
         system=system,  # type: ignore[arg-type]
     )
-    message = raw.parse()
-    for request_id, msg in [(raw.headers["x-tollgate-request-id"], message)]:
-        u = msg.usage
-        t = {
-            "input_tokens": u.input_tokens,
-            "cached_input_tokens": u.cache_read_input_tokens,
-            "cache_write_tokens": u.cache_creation_input_tokens,
-            "output_tokens": u.output_tokens,
-        }
-        check(
-            row_for(database_url, request_id),
-            provider="anthropic",
-            model=msg.model,
-            tokens=t,
-            cost=genai_cost(
-                "anthropic",
-                msg.model,
-                input_tokens=u.input_tokens
-                + (u.cache_read_input_tokens or 0)
-                + (u.cache_creation_input_tokens or 0),
-                output_tokens=u.output_tokens,
-                cache_read_tokens=u.cache_read_input_tokens,
-                cache_write_tokens=u.cache_creation_input_tokens,
-            ),
-        )
+    check_anthropic(database_url, raw.headers["x-tollgate-request-id"], raw.parse())
     with client.messages.stream(
         model="claude-haiku-4-5",
         max_tokens=64,
@@ -336,21 +312,26 @@ def test_anthropic_messages(stack: RunningTollgate, database_url: str) -> None:
     ) as stream:
         request_id = stream.response.headers["x-tollgate-request-id"]
         final = stream.get_final_message()
-    u = final.usage
-    t = {
-        "input_tokens": u.input_tokens,
-        "cached_input_tokens": u.cache_read_input_tokens,
-        "cache_write_tokens": u.cache_creation_input_tokens,
-        "output_tokens": u.output_tokens,
-    }
+    check_anthropic(database_url, request_id, final)
+
+
+def check_anthropic(database_url: str, request_id: str, message: Any) -> None:
+    """The row of an Anthropic call against the usage the SDK saw: tokens as Anthropic
+    reports them, cost with the input counted as genai-prices counts it (cache included)."""
+    u = message.usage
     check(
         row_for(database_url, request_id),
         provider="anthropic",
-        model=final.model,
-        tokens=t,
+        model=message.model,
+        tokens={
+            "input_tokens": u.input_tokens,
+            "cached_input_tokens": u.cache_read_input_tokens,
+            "cache_write_tokens": u.cache_creation_input_tokens,
+            "output_tokens": u.output_tokens,
+        },
         cost=genai_cost(
             "anthropic",
-            final.model,
+            message.model,
             input_tokens=u.input_tokens
             + (u.cache_read_input_tokens or 0)
             + (u.cache_creation_input_tokens or 0),
@@ -388,25 +369,37 @@ def test_gemini_generate_content(stack: RunningTollgate, database_url: str) -> N
     headers, data = post_json(f"{root}/v1beta/models/gemini-2.0-flash:generateContent", body)
     reply = json.loads(data)
     t = gemini_tokens(reply["usageMetadata"])
-    cost = genai_cost(
-        "google",
-        "gemini-2.0-flash",
-        input_tokens=t["input_tokens"],
-        output_tokens=(t["output_tokens"] or 0) + (t["reasoning_tokens"] or 0),
-    )
     row = row_for(database_url, headers["x-tollgate-request-id"])
-    check(row, provider="gemini", model=reply["modelVersion"], tokens=t, cost=row["cost_usd"])
-    assert cost is None or row["cost_usd"] is not None
+    check(
+        row,
+        provider="gemini",
+        model=reply["modelVersion"],
+        tokens=t,
+        cost=gemini_cost(reply["modelVersion"], t),
+    )
     headers, data = post_json(
-        f"{root}/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", body
+        f"{root}/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", body
     )
     chunks = [
         json.loads(line[5:]) for line in data.decode().splitlines() if line.startswith("data:")
     ]
     t = gemini_tokens(chunks[-1]["usageMetadata"])
+    assert t["reasoning_tokens"], "the fake reports thoughts for 2.5 models"
     row = row_for(database_url, headers["x-tollgate-request-id"])
-    check(row, provider="gemini", model=chunks[-1]["modelVersion"], tokens=t, cost=row["cost_usd"])
+    model = chunks[-1]["modelVersion"]
+    check(row, provider="gemini", model=model, tokens=t, cost=gemini_cost(model, t))
     assert row["streamed"] is True
+
+
+def gemini_cost(model: str, t: dict[str, int | None]) -> Decimal | None:
+    """genai-prices' price: Google bills thoughts as output (they are not in candidates)."""
+    return genai_cost(
+        "google",
+        model,
+        input_tokens=t["input_tokens"],
+        output_tokens=(t["output_tokens"] or 0) + (t["reasoning_tokens"] or 0),
+        cache_read_tokens=t["cached_input_tokens"],
+    )
 
 
 def test_bedrock_converse(stack: RunningTollgate, database_url: str) -> None:
@@ -423,4 +416,15 @@ def test_bedrock_converse(stack: RunningTollgate, database_url: str) -> None:
         "cache_write_tokens": usage.get("cacheWriteInputTokens"),
     }
     row = row_for(database_url, headers["x-tollgate-request-id"])
-    check(row, provider="bedrock", model=model, tokens=t, cost=row["cost_usd"])
+    # genai-prices counts Bedrock's cache reads and writes as input (they are not in it).
+    cost = genai_cost(
+        "aws",
+        model,
+        input_tokens=t["input_tokens"]
+        + (t["cached_input_tokens"] or 0)
+        + (t["cache_write_tokens"] or 0),  # type: ignore[operator]
+        output_tokens=t["output_tokens"],
+        cache_read_tokens=t["cached_input_tokens"],
+        cache_write_tokens=t["cache_write_tokens"],
+    )
+    check(row, provider="bedrock", model=model, tokens=t, cost=cost)

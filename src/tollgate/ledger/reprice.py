@@ -33,6 +33,7 @@ class _Unpriced:
     cached_input_tokens: int | None
     cache_write_tokens: int | None
     output_tokens: int | None
+    reasoning_tokens: int | None
     units: dict[str, float] | None
 
 
@@ -45,7 +46,7 @@ class RepriceResult:
 
 _SELECT = """
 SELECT request_id, created_at, provider, model, input_tokens, cached_input_tokens,
-       cache_write_tokens, output_tokens, units
+       cache_write_tokens, output_tokens, reasoning_tokens, units
 FROM tollgate.requests
 WHERE cost_usd IS NULL AND outcome <> 'blocked' AND model IS NOT NULL
   AND created_at >= %(since)s AND created_at < %(until)s
@@ -115,6 +116,7 @@ async def reprice(
                 output_tokens=row.output_tokens,
                 cached_input_tokens=row.cached_input_tokens,
                 cache_write_tokens=row.cache_write_tokens,
+                reasoning_tokens=row.reasoning_tokens,
                 units=row.units or {},
             )
             if cost is not None:

@@ -388,6 +388,7 @@ class LedgerWriter:
             output_tokens=optional(record, "output_tokens"),
             cached_input_tokens=optional(record, "cached_input_tokens"),
             cache_write_tokens=optional(record, "cache_write_tokens"),
+            reasoning_tokens=optional(record, "reasoning_tokens"),
             units=dict(record.units),
         )
         if cost is None and record.outcome != usage_pb2.OUTCOME_BLOCKED:

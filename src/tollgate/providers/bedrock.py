@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tollgate.providers.framing import MAX_JSON_BYTES, JsonOrSSEParser, as_int
-from tollgate.providers.usage import RequestFacts, TokenUsage
+from tollgate.providers.framing import JsonOrSSEParser, as_int
+from tollgate.providers.usage import TokenUsage
 
 __all__ = ["BedrockConverseParser", "bedrock_usage"]
 
@@ -49,17 +49,10 @@ def bedrock_usage(usage: Any) -> TokenUsage:
 class BedrockConverseParser(JsonOrSSEParser):
     """``/model/{modelId}/converse``: the JSON body's ``usage``; the model is the request's."""
 
-    def __init__(
-        self,
-        *,
-        streamed: bool,
-        request: RequestFacts | None = None,
-        max_json_bytes: int = MAX_JSON_BYTES,
-    ) -> None:
+    def _setup(self) -> None:
         # Converse answers with one JSON document; a streamed body here would be ConverseStream's
         # binary event stream, which is neither kept nor parsed (see the module docstring).
-        super().__init__(streamed=False, request=request, max_json_bytes=max_json_bytes)
-        self.streamed = streamed
+        self._sse = None
 
     def feed(self, chunk: bytes) -> None:
         if not self.streamed:

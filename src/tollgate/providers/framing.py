@@ -45,6 +45,10 @@ class JsonOrSSEParser:
         self.model: str | None = None
         self.units: dict[str, float] = {}
         self.skipped_events = 0
+        self._setup()
+
+    def _setup(self) -> None:
+        """State of a subclass, set up at the end of ``__init__`` (a hook, empty here)."""
 
     def feed(self, chunk: bytes) -> None:
         if self._sse is None:

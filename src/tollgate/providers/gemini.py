@@ -38,9 +38,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from tollgate.providers.framing import MAX_JSON_BYTES, JsonOrSSEParser, as_int
+from tollgate.providers.framing import JsonOrSSEParser, as_int
 from tollgate.providers.sse import SSEDecoder
-from tollgate.providers.usage import RequestFacts, TokenUsage
+from tollgate.providers.usage import TokenUsage
 
 __all__ = ["GeminiParser", "gemini_usage"]
 
@@ -148,16 +148,9 @@ class _JsonObjects:
 class GeminiParser(JsonOrSSEParser):
     """Gemini ``generateContent`` / ``streamGenerateContent``: ``usageMetadata``, model."""
 
-    def __init__(
-        self,
-        *,
-        streamed: bool,
-        request: RequestFacts | None = None,
-        max_json_bytes: int = MAX_JSON_BYTES,
-    ) -> None:
-        super().__init__(streamed=streamed, request=request, max_json_bytes=max_json_bytes)
+    def _setup(self) -> None:
         self._framing: Literal["json", "sse"] | None = None
-        self._objects = _JsonObjects(max_json_bytes)
+        self._objects = _JsonObjects(self._max_json)
 
     def feed(self, chunk: bytes) -> None:
         if self._framing is None:

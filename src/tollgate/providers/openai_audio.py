@@ -24,9 +24,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tollgate.providers.framing import MAX_JSON_BYTES, JsonOrSSEParser
+from tollgate.providers.framing import JsonOrSSEParser
 from tollgate.providers.openai_responses import responses_usage
-from tollgate.providers.usage import RequestFacts
 
 __all__ = ["OpenAISpeechParser", "OpenAITranscriptionParser"]
 
@@ -76,14 +75,7 @@ class OpenAISpeechParser(JsonOrSSEParser):
     audio and :meth:`feed` drops it unread, so asking Envoy for it costs nothing here.
     """
 
-    def __init__(
-        self,
-        *,
-        streamed: bool,
-        request: RequestFacts | None = None,
-        max_json_bytes: int = MAX_JSON_BYTES,
-    ) -> None:
-        super().__init__(streamed=streamed, request=request, max_json_bytes=max_json_bytes)
+    def _setup(self) -> None:
         if self.request.input_chars is not None:
             self.units["characters"] = self.request.input_chars
 

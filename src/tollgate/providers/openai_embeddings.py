@@ -16,9 +16,9 @@ import json
 import re
 from typing import Any
 
-from tollgate.providers.framing import MAX_JSON_BYTES, JsonOrSSEParser
+from tollgate.providers.framing import JsonOrSSEParser
 from tollgate.providers.openai_chat import openai_usage
-from tollgate.providers.usage import ParsedResponse, RequestFacts
+from tollgate.providers.usage import ParsedResponse
 
 __all__ = ["OpenAIEmbeddingsParser"]
 
@@ -30,14 +30,7 @@ _KEY = re.compile(r'"(model|usage)"\s*:\s*')
 class OpenAIEmbeddingsParser(JsonOrSSEParser):
     """``/v1/embeddings``: the body's ``model`` and ``usage`` (input tokens only)."""
 
-    def __init__(
-        self,
-        *,
-        streamed: bool,
-        request: RequestFacts | None = None,
-        max_json_bytes: int = MAX_JSON_BYTES,
-    ) -> None:
-        super().__init__(streamed=streamed, request=request, max_json_bytes=max_json_bytes)
+    def _setup(self) -> None:
         self._tail = bytearray()
 
     def feed(self, chunk: bytes) -> None:
