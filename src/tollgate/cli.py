@@ -93,6 +93,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     reprice.add_argument("--until", type=_when, help="up to this ISO date/time (default: now)")
 
+    prune = sub.add_parser("prune", help="drop monthly ledger partitions older than a date")
+    prune.add_argument(
+        "--before",
+        type=date.fromisoformat,
+        required=True,
+        metavar="DATE",
+        help="drop partitions whose whole month ends on or before this ISO date (UTC)",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="list them, drop nothing")
+
     fake = sub.add_parser("fake-provider", help="run the built-in fake OpenAI-compatible upstream")
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8090)
@@ -160,6 +170,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         return await _reprice(args, settings)
     if command == "keys":
         return await _keys(args, settings)
+    if command == "prune":
+        return await _prune(args, settings)
     if command == "demo":
         return await _demo(settings)
     if command in ("up", "serve"):
@@ -246,6 +258,29 @@ async def _reprice(args: argparse.Namespace, settings: Settings) -> int:
         f"examined {result.examined} unpriced rows, priced {result.priced}, "
         f"added {result.cost_added} USD"
     )
+    return 0
+
+
+async def _prune(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+
+    from tollgate.app import ledger_database, run_migrations
+    from tollgate.ledger.prune import prune_partitions
+
+    async with ledger_database(settings) as url:
+        await run_migrations(url)
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            try:
+                names = await prune_partitions(conn, args.before, dry_run=args.dry_run)
+            except psycopg.errors.LockNotAvailable:
+                print("tollgate: tollgate.requests stayed locked; try again", file=sys.stderr)
+                return 1
+    verb = "would drop" if args.dry_run else "dropped"
+    for name in names:
+        print(f"{verb} tollgate.{name}")
+    if not names:
+        print(f"no ledger partition ends on or before {args.before.isoformat()}")
+    print("tollgate.daily_usage is kept (totals for pruned months stay)")
     return 0
 
 
