@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,3 +37,19 @@ def database_url(pg_server: EmbeddedPostgres) -> Iterator[str]:
     yield f"postgresql://postgres@127.0.0.1:{pg_server.port}/{name}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def tollgate_cli(database_url: str, workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``tollgate *args`` as a new process against ``database_url`` (no other TOLLGATE_*
+    settings from this environment), in ``workdir``; output captured as text."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    env.update(TOLLGATE_DATABASE_URL=database_url, TOLLGATE_STATE_DIR=str(workdir / "state"))
+    return subprocess.run(
+        [sys.executable, "-m", "tollgate", *args],
+        env=env,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

@@ -43,12 +43,21 @@ class FakeUpstream:
             pass
 
 
+@contextlib.contextmanager
+def started_fake_upstream(log_path: Path) -> Iterator[FakeUpstream]:
+    """The fake provider as a child process on a free port, stopped at the end."""
+    fake = FakeProviderProcess(free_port(), log_path=log_path)
+    fake.start()
+    try:
+        yield FakeUpstream(fake)
+    finally:
+        fake.stop()
+
+
 @pytest.fixture
 def fake_upstream(tmp_path: Path) -> Iterator[FakeUpstream]:
-    fake = FakeProviderProcess(free_port(), log_path=tmp_path / "fake.log")
-    fake.start()
-    yield FakeUpstream(fake)
-    fake.stop()
+    with started_fake_upstream(tmp_path / "fake.log") as upstream:
+        yield upstream
 
 
 class TollgateProcess:

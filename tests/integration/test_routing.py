@@ -26,9 +26,10 @@ from tests.integration.conftest import (
     RunningTollgate,
     create_key,
     running_tollgate,
+    started_fake_upstream,
     wait_for_rows,
 )
-from tollgate.localstack import FakeProviderProcess, free_port
+from tollgate.localstack import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -38,10 +39,8 @@ PROVIDER_KEY = "sk-provider-held-by-gateway-7d1e"
 
 @pytest.fixture
 def second_upstream(tmp_path: Path) -> Iterator[FakeUpstream]:
-    fake = FakeProviderProcess(free_port(), log_path=tmp_path / "fake2.log")
-    fake.start()
-    yield FakeUpstream(fake)
-    fake.stop()
+    with started_fake_upstream(tmp_path / "fake2.log") as upstream:
+        yield upstream
 
 
 def envoy_upstream_connections(running: RunningTollgate) -> int:

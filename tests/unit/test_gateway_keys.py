@@ -6,9 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from tests.conftest import tollgate_cli
 from tollgate.app import run_migrations
 from tollgate.policy.keys import (
     KEY_PREFIX,
@@ -240,17 +239,7 @@ async def test_run_picks_up_changes_and_survives_a_lost_database(
 
 
 def cli(database_url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
-    env.update(TOLLGATE_DATABASE_URL=database_url, TOLLGATE_STATE_DIR=str(tmp_path / "state"))
-    return subprocess.run(
-        [sys.executable, "-m", "tollgate", "keys", *args],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return tollgate_cli(database_url, tmp_path, "keys", *args)
 
 
 async def test_keys_commands(database_url: str, tmp_path: Path) -> None:

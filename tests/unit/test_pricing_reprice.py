@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import psycopg
 import pytest
 from genai_prices import Usage, calc_price
 
+from tests.conftest import tollgate_cli
 from tests.unit.test_ledger_writer import make_writer, pool, record  # noqa: F401 (fixture)
 from tollgate.config import ConfigError
 from tollgate.ledger.reprice import reprice
@@ -126,15 +126,7 @@ async def test_reprice_fills_unknown_costs_once(pool, database_url: str) -> None
         assert sums[0] == sums[1]
 
 
-def test_reprice_command(database_url: str) -> None:
-    env = {"TOLLGATE_DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"}
-    done = subprocess.run(
-        [sys.executable, "-m", "tollgate", "reprice", "--since", "2026-01-01"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+def test_reprice_command(database_url: str, tmp_path: Path) -> None:
+    done = tollgate_cli(database_url, tmp_path, "reprice", "--since", "2026-01-01")
     assert done.returncode == 0, done.stderr
     assert "examined 0 unpriced rows, priced 0" in done.stdout

@@ -12,9 +12,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 
+from tests.unit.doubles import FixedKeys, RecordingSink
 from tollgate.extproc import responses
 from tollgate.extproc.processor import PolicyConfig, ProcessorContext, RequestProcessor
-from tollgate.ledger.records import UsageRecord
 from tollgate.policy.identity import JWT_METADATA_NAMESPACE, JWT_PAYLOAD_KEY, IdentityResolver
 from tollgate.policy.keys import GatewayKey
 from tollgate.routing.router import Router
@@ -23,36 +23,19 @@ from tollgate.v1 import usage_pb2
 ALL = ("jwt", "key", "header", "body_user", "body_safety_identifier", "body_metadata_user_id")
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.records: list[UsageRecord] = []
-
-    accepting = True
-
-    def submit(self, record: UsageRecord) -> bool:
-        self.records.append(record)
-        return True
-
-
-class Keys:
-    def __init__(self, *keys: tuple[bytes, GatewayKey]) -> None:
-        self._keys = dict(keys)
-
-    def lookup(self, token: bytes) -> GatewayKey | None:
-        return self._keys.get(token)
-
-
 def key(key_id: str, *, user: str | None = None, enforce: bool | None = None) -> GatewayKey:
     return GatewayKey(key_id, key_id, user, enforce, None)
 
 
-def processor(sink: Sink, *, keys: Keys | None = None, **policy: object) -> RequestProcessor:
+def processor(
+    sink: RecordingSink, *, keys: FixedKeys | None = None, **policy: object
+) -> RequestProcessor:
     config = PolicyConfig(**{"resolver": IdentityResolver(ALL), **policy})  # type: ignore[arg-type]
     ctx = ProcessorContext(
         sink=sink,
         router=Router.single("openai", "http://up", model_prefix_routing=False),
         policy=config,
-        keys=keys or Keys(),
+        keys=keys or FixedKeys(),
     )
     return RequestProcessor(ctx)
 
@@ -81,7 +64,7 @@ def error_of(answer: ep.ProcessingResponse) -> tuple[int, str]:
 
 
 def test_header_identity_decides_at_headers_without_reading_the_body() -> None:
-    sink = Sink()
+    sink = RecordingSink()
     p = processor(sink, enforce_user_id=True)
     answer = p.request_headers(headers(JSON, ("x-tollgate-user-id", b"alice")))
     assert answer.HasField("request_headers")
@@ -89,7 +72,7 @@ def test_header_identity_decides_at_headers_without_reading_the_body() -> None:
 
 
 def test_body_user_is_read_when_the_headers_have_no_identity() -> None:
-    sink = Sink()
+    sink = RecordingSink()
     p = processor(sink, enforce_user_id=True)
     first = p.request_headers(headers(JSON))
     assert first.mode_override.request_body_mode == responses.BODY_BUFFERED
@@ -101,7 +84,7 @@ def test_body_user_is_read_when_the_headers_have_no_identity() -> None:
 
 
 def test_missing_identity_is_refused_at_the_body_phase_and_recorded() -> None:
-    sink = Sink()
+    sink = RecordingSink()
     p = processor(sink, enforce_user_id=True)
     p.request_headers(headers(JSON, ("x-tollgate-tags", b"a,b"), ("xproxy-usecase-id", b"uc")))
     answer = p.request_body(body({"model": "m"}))
@@ -120,7 +103,7 @@ def test_missing_identity_is_refused_at_the_body_phase_and_recorded() -> None:
 
 
 def test_get_without_body_decides_at_headers() -> None:
-    sink = Sink()
+    sink = RecordingSink()
     p = processor(sink, enforce_user_id=True)
     get = ep.HttpHeaders(
         headers=base_pb2.HeaderMap(
@@ -135,7 +118,7 @@ def test_get_without_body_decides_at_headers() -> None:
 
 
 def test_malformed_json_is_refused_with_invalid_json() -> None:
-    sink = Sink()
+    sink = RecordingSink()
     p = processor(sink)
     p.request_headers(headers(JSON))
     answer = p.request_body(ep.HttpBody(body=b'{"model": "m", ', end_of_stream=True))
@@ -144,8 +127,8 @@ def test_malformed_json_is_refused_with_invalid_json() -> None:
 
 
 def test_gateway_keys() -> None:
-    sink = Sink()
-    keys = Keys((b"tg_good", key("key_1", user="bound-user")))
+    sink = RecordingSink()
+    keys = FixedKeys({b"tg_good": key("key_1", user="bound-user")})
     p = processor(sink, keys=keys)
     answer = p.request_headers(headers(("authorization", b"Bearer tg_good"), end=True))
     assert "authorization" in answer.request_headers.response.header_mutation.remove_headers
@@ -161,8 +144,8 @@ def test_gateway_keys() -> None:
 
 
 def test_key_provider_allow_list() -> None:
-    sink = Sink()
-    keys = Keys((b"tg_a", GatewayKey("key_a", "a", None, None, frozenset({"anthropic"}))))
+    sink = RecordingSink()
+    keys = FixedKeys({b"tg_a": GatewayKey("key_a", "a", None, None, frozenset({"anthropic"}))})
     answer = processor(sink, keys=keys).request_headers(headers(("x-tollgate-key", b"tg_a")))
     assert error_of(answer) == (403, "provider_not_allowed")
 
@@ -179,7 +162,7 @@ def jwt_metadata(claims: dict[str, object]) -> base_pb2.Metadata:
 
 @pytest.mark.parametrize("refuse", [False, True])
 def test_jwt_identity_cannot_be_spoofed(refuse: bool) -> None:
-    sink = Sink()
+    sink = RecordingSink()
     p = processor(sink, resolver=IdentityResolver(ALL, refuse_spoofing=refuse))
     answer = p.request_headers(
         headers(("x-tollgate-user-id", b"mallory"), end=True), jwt_metadata({"sub": "alice"})
@@ -194,7 +177,7 @@ def test_jwt_identity_cannot_be_spoofed(refuse: bool) -> None:
 
 
 def test_spoofing_through_the_body_is_refused_when_configured() -> None:
-    sink = Sink()
+    sink = RecordingSink()
     p = processor(sink, resolver=IdentityResolver(ALL, refuse_spoofing=True))
     first = p.request_headers(headers(JSON), jwt_metadata({"sub": "alice"}))
     assert first.mode_override.request_body_mode == responses.BODY_BUFFERED
@@ -202,7 +185,7 @@ def test_spoofing_through_the_body_is_refused_when_configured() -> None:
 
 
 def test_strict_mode_refuses_and_records_the_offending_id() -> None:
-    sink = Sink()
+    sink = RecordingSink()
     p = processor(sink, resolver=IdentityResolver(ALL, strict=True))
     answer = p.request_headers(headers(("x-tollgate-user-id", b"a b"), end=True))
     assert error_of(answer) == (422, "invalid_user_id")
@@ -248,11 +231,11 @@ def test_enforcement_matrix(
     has_identity: bool,
     may_disable: bool,
 ) -> None:
-    sink = Sink()
+    sink = RecordingSink()
     pairs: list[tuple[str, bytes]] = []
-    keys = Keys()
+    keys = FixedKeys()
     if key_setting is not None:
-        keys = Keys((b"tg_k", key("key_k", enforce=key_setting)))
+        keys = FixedKeys({b"tg_k": key("key_k", enforce=key_setting)})
         pairs.append(("x-tollgate-key", b"tg_k"))
     if override is not None:
         pairs.append(("x-tollgate-enforce-user-id", override))
@@ -269,7 +252,7 @@ def test_enforcement_matrix(
 
 
 def test_body_read_only_for_logging_never_refuses(caplog: pytest.LogCaptureFixture) -> None:
-    sink = Sink()
+    sink = RecordingSink()
     p = processor(sink, log_bodies=True, enforce_user_id=True)
     first = p.request_headers(headers(JSON, ("x-tollgate-user-id", b"alice")))
     assert first.mode_override.request_body_mode == responses.BODY_BUFFERED
@@ -282,7 +265,7 @@ def test_body_read_only_for_logging_never_refuses(caplog: pytest.LogCaptureFixtu
 def test_logging_disabled_request_body_is_neither_read_nor_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    sink = Sink()
+    sink = RecordingSink()
     p = processor(sink, log_bodies=True)
     with caplog.at_level("INFO", logger="tollgate.bodies"):
         first = p.request_headers(

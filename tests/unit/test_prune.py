@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -13,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.conftest import tollgate_cli
 from tollgate.app import run_migrations
 from tollgate.ledger.prune import PruneRefused, partitions_ending_by, prune_partitions
 
@@ -148,17 +147,7 @@ async def test_works_on_a_connection_outside_autocommit(database_url: str) -> No
 
 
 def cli(database_url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
-    env.update(TOLLGATE_DATABASE_URL=database_url, TOLLGATE_STATE_DIR=str(tmp_path / "state"))
-    return subprocess.run(
-        [sys.executable, "-m", "tollgate", "prune", *args],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return tollgate_cli(database_url, tmp_path, "prune", *args)
 
 
 async def test_prune_command(

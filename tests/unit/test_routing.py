@@ -10,10 +10,10 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from tests.unit.doubles import FixedKeys, RecordingSink
 from tollgate.app import build_router
 from tollgate.config import ConfigError, load_settings
 from tollgate.extproc.processor import ProcessorContext, RequestProcessor
-from tollgate.ledger.records import UsageRecord
 from tollgate.policy.keys import GatewayKey
 from tollgate.policy.refusal import PolicyRefusal
 from tollgate.routing.providers import load_providers
@@ -151,25 +151,6 @@ def test_route_by_model_prefix() -> None:
 # -- what the processor asks of Envoy ---------------------------------------------------------
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.records: list[UsageRecord] = []
-
-    accepting = True
-
-    def submit(self, record: UsageRecord) -> bool:
-        self.records.append(record)
-        return True
-
-
-class Keys:
-    def __init__(self, key: GatewayKey) -> None:
-        self.key = key
-
-    def lookup(self, token: bytes) -> GatewayKey | None:
-        return self.key if token == b"tg_k" else None
-
-
 def request(*pairs: tuple[str, bytes], path: bytes = b"/v1/chat/completions") -> ep.HttpHeaders:
     base = [(":method", b"POST"), (":path", path), ("content-type", b"application/json")]
     return ep.HttpHeaders(
@@ -186,9 +167,9 @@ def mutation_of(common: ep.CommonResponse) -> tuple[dict[str, bytes], list[str]]
 
 def run(
     r: Router, *pairs: tuple[str, bytes], body: object, key: GatewayKey | None = None, **kw: bytes
-) -> tuple[RequestProcessor, ep.ProcessingResponse, ep.ProcessingResponse, Sink]:
-    sink = Sink()
-    keys = Keys(key) if key is not None else Keys(GatewayKey("none", "none", None, None, None))
+) -> tuple[RequestProcessor, ep.ProcessingResponse, ep.ProcessingResponse, RecordingSink]:
+    sink = RecordingSink()
+    keys = FixedKeys({b"tg_k": key} if key is not None else {})
     p = RequestProcessor(ProcessorContext(sink=sink, router=r, keys=keys))
     first = p.request_headers(request(*pairs, **kw))
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
