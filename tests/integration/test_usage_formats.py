@@ -26,18 +26,12 @@ from tests.integration.conftest import (
     running_tollgate,
     wait_for_rows,
 )
+from tollgate.providers.usage import TOKEN_FIELDS
 
 pytestmark = pytest.mark.integration
 
 MESSAGES = [{"role": "user", "content": "Tell me something about ledgers."}]
-TOKENS = (
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-)
+TOKENS = TOKEN_FIELDS
 
 
 @pytest.fixture
