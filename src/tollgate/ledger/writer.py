@@ -245,7 +245,9 @@ class LedgerWriter:
         position = self._read_pos
         while True:
             self._arrived.clear()
-            entries += journal.read(position, self._batch_size - len(entries))
+            entries += await asyncio.to_thread(
+                journal.read, position, self._batch_size - len(entries)
+            )
             if entries:
                 position = entries[-1].end
             remaining = deadline - time.monotonic()
@@ -309,7 +311,9 @@ class LedgerWriter:
     async def _write_with_retry(self, batch: Sequence[UsageRecord]) -> bool:
         """Store ``batch``, retrying while Postgres is away; False when giving up at shutdown
         (the records stay in the journal, or are lost without one)."""
-        rows = self._rows(batch)
+        # Pricing and row building are CPU work (~200 µs a record, mostly genai-prices): done
+        # in a thread so the event loop, which also serves ext_proc, keeps being scheduled.
+        rows = await asyncio.to_thread(self._rows, batch)
         delay = 0.05
         attempts = 0
         while True:
