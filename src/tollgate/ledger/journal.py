@@ -179,6 +179,14 @@ class Journal:
             pos = body + length
         return pos
 
+    def count_unshipped(self) -> int:
+        """How many whole records lie past the checkpoint (read once, at start-up)."""
+        count, position = 0, self.checkpoint_pos
+        while entries := self.read(position, 10_000):
+            count += len(entries)
+            position = entries[-1].end
+        return count
+
     def commit(self, position: int) -> None:
         """Everything before ``position`` is in Postgres: checkpoint it, drop old segments."""
         if position <= self.checkpoint_pos:

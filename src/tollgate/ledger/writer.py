@@ -100,7 +100,7 @@ class WriterStats:
 
 _DEAD_LETTER = "INSERT INTO tollgate.dead_letters (request_id, error, record) VALUES (%s, %s, %s)"
 # Postgres refused the data itself (not the connection): retrying the batch cannot help.
-_DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.InvalidTextRepresentation)
+_DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
 
 
 class LedgerWriter:
@@ -125,26 +125,13 @@ class LedgerWriter:
         self._journal_max = journal_max_bytes
         self._reject_when_full = reject_when_full
         self._arrived = asyncio.Event()
-        self._read_pos = journal.checkpoint_pos if journal is not None else 0
-        self._unshipped = 0
-        if journal is not None:
-            # Count what a previous run left unshipped: it is replayed first.
-            self._unshipped = self.stats_replay_count(journal)
+        # What a previous run left unshipped is replayed first.
+        self._unshipped = journal.count_unshipped() if journal is not None else 0
         self._batch_size = batch_size
         self._flush_interval_s = flush_interval_s
         self._prices = prices or PriceBook()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-
-    @staticmethod
-    def stats_replay_count(journal: Journal) -> int:
-        count, pos = 0, journal.checkpoint_pos
-        while True:
-            entries = journal.read(pos, 10_000)
-            if not entries:
-                return count
-            count += len(entries)
-            pos = entries[-1].end
 
     @property
     def accepting(self) -> bool:
@@ -242,7 +229,7 @@ class LedgerWriter:
         flush interval for a batch to fill, and the position after them."""
         deadline = time.monotonic() + self._flush_interval_s
         entries: list[JournalEntry] = []
-        position = self._read_pos
+        position = journal.checkpoint_pos  # everything before it is in Postgres
         while True:
             self._arrived.clear()
             entries += await asyncio.to_thread(
@@ -295,7 +282,6 @@ class LedgerWriter:
                 return  # shutting down with Postgres away: the journal keeps them
             if journal is not None:
                 journal.commit(end)
-                self._read_pos = end
                 self._unshipped = max(self._unshipped - len(batch), 0)
             if time.monotonic() - last_partition_check > 3600:
                 await self._ensure_partitions()

@@ -98,9 +98,6 @@ class Router:
         provider = Provider(name=name, base=parse_base_uri(base_uri), api=api, auth="none")
         return cls({name: provider}, name, model_prefix_routing=model_prefix_routing)
 
-    def provider(self, name: str) -> Provider | None:
-        return self._providers.get(name)
-
     def route(self, request_path: str, base_uri_header: str | None = None) -> Route:
         """The route from the request's path and base-URI header (the body may refine it)."""
         if not request_path.startswith("/"):
