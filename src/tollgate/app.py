@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,14 @@ from tollgate.routing.providers import load_providers
 from tollgate.routing.router import Router
 from tollgate.v1 import usage_pb2_grpc
 
-__all__ = ["Stack", "StackOptions", "build_router", "ledger_database", "run_migrations"]
+__all__ = [
+    "Stack",
+    "StackOptions",
+    "build_router",
+    "ledger_database",
+    "run_migrations",
+    "stop_signal",
+]
 
 log = logging.getLogger(__name__)
 
@@ -309,14 +316,16 @@ class Stack:
         return self._r.extproc
 
 
-async def wait_for_stop_signal() -> None:
-    """Return on SIGTERM or SIGINT."""
+@contextlib.contextmanager
+def stop_signal() -> Iterator[asyncio.Event]:
+    """An event set on SIGTERM or SIGINT, with the handlers installed from the start of the
+    block: a signal that arrives before anyone waits is not lost."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        yield stop
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -309,26 +309,30 @@ async def _demo(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings, *, with_envoy: bool) -> int:
-    from tollgate.app import Stack, StackOptions, wait_for_stop_signal
+    from tollgate.app import Stack, StackOptions, stop_signal
 
     stack = Stack(settings, StackOptions(run_envoy=with_envoy))
     await stack.start()
-    try:
-        print(f"ledger:   {mask_url(stack.database_url)}", flush=True)
-        print(
-            f"ext_proc: {settings.grpc_address.rpartition(':')[0]}:{stack.grpc_port}"
-            if not settings.grpc_address.startswith("unix:")
-            else f"ext_proc: {settings.grpc_address}",
-            flush=True,
-        )
-        if with_envoy:
+    # Handlers stay installed through the shutdown: a second SIGTERM while stopping must not
+    # kill the process halfway (the stop is already under way).
+    with stop_signal() as stop:
+        try:
+            print(f"ledger:   {mask_url(stack.database_url)}", flush=True)
             print(
-                f"envoy:    http://{settings.envoy_listen_address}:{settings.envoy_listen_port}"
-                f" → {settings.upstream_url}",
+                f"ext_proc: {settings.grpc_address.rpartition(':')[0]}:{stack.grpc_port}"
+                if not settings.grpc_address.startswith("unix:")
+                else f"ext_proc: {settings.grpc_address}",
                 flush=True,
             )
-        print("tollgate is ready; Ctrl-C or SIGTERM stops everything", flush=True)
-        await wait_for_stop_signal()
-    finally:
-        await stack.stop()
+            if with_envoy:
+                print(
+                    f"envoy:    http://{settings.envoy_listen_address}:"
+                    f"{settings.envoy_listen_port} → {stack.router.route('/').base_uri}"
+                    f" (default provider {settings.default_provider})",
+                    flush=True,
+                )
+            print("tollgate is ready; Ctrl-C or SIGTERM stops everything", flush=True)
+            await stop.wait()
+        finally:
+            await stack.stop()
     return 0
