@@ -14,6 +14,7 @@ refused records go to ``tollgate.dead_letters`` with the error; the rest commit.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -25,8 +26,9 @@ from decimal import Decimal
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from tollgate.ledger.copy_text import copy_rows
 from tollgate.ledger.journal import Journal, JournalEntry
-from tollgate.ledger.records import COLUMNS, OUTCOME_NAMES, UsageRecord, optional, record_to_row
+from tollgate.ledger.records import COLUMNS, OUTCOME_NAMES, UsageRecord, optional
 from tollgate.pricing import PriceBook
 from tollgate.v1 import usage_pb2
 
@@ -36,10 +38,14 @@ log = logging.getLogger(__name__)
 
 _COLS = ", ".join(COLUMNS)
 
-_CREATE_STAGING = (
+# Once per transaction: the connection's staging table (kept, emptied at each commit), and
+# enough memory for the rollup's hash aggregate of a whole batch (the default 4 MB spills).
+_PREPARE = (
     "CREATE TEMP TABLE IF NOT EXISTS incoming_requests"
-    " (LIKE tollgate.requests INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    " (LIKE tollgate.requests INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;"
+    " SET LOCAL work_mem = '64MB'"
 )
+_COPY = f"COPY pg_temp.incoming_requests ({_COLS}) FROM STDIN"
 
 _MOVE_AND_ROLL_UP = f"""
 WITH inserted AS (
@@ -63,6 +69,8 @@ WITH inserted AS (
            count(*) FILTER (WHERE cost_usd IS NULL AND outcome <> 'blocked')
     FROM inserted
     GROUP BY 1, 2, 3, 4, 5
+    -- Concurrent batches lock rollup rows in one order, so they cannot deadlock.
+    ORDER BY 1, 2, 3, 4, 5
     ON CONFLICT (day, end_user_id, key_id, provider, model) DO UPDATE SET
         requests = d.requests + EXCLUDED.requests,
         blocked = d.blocked + EXCLUDED.blocked,
@@ -98,6 +106,15 @@ class WriterStats:
     outcomes: Counter[str] = field(default_factory=Counter)
 
 
+@dataclass
+class _Batch:
+    """Records shipped in one transaction; ``end`` is the journal position after them."""
+
+    records: list[UsageRecord]
+    end: int
+    done: bool = False
+
+
 _DEAD_LETTER = "INSERT INTO tollgate.dead_letters (request_id, error, record) VALUES (%s, %s, %s)"
 # Postgres refused the data itself (not the connection): retrying the batch cannot help.
 _DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
@@ -117,6 +134,7 @@ class LedgerWriter:
         journal: Journal | None = None,
         journal_max_bytes: int = 0,
         reject_when_full: bool = True,
+        concurrency: int = 2,
     ) -> None:
         self.stats = WriterStats()
         self._pool = pool
@@ -127,11 +145,15 @@ class LedgerWriter:
         self._arrived = asyncio.Event()
         # What a previous run left unshipped is replayed first.
         self._unshipped = journal.count_unshipped() if journal is not None else 0
+        self._unread = self._unshipped  # journal records the writer has not picked up yet
+        self._read_pos = journal.checkpoint_pos if journal is not None else 0
         self._batch_size = batch_size
         self._flush_interval_s = flush_interval_s
         self._prices = prices or PriceBook()
+        self._concurrency = max(concurrency, 1)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._stopped = False  # a batch was given up (shutdown) or the writer failed
 
     @property
     def accepting(self) -> bool:
@@ -182,7 +204,8 @@ class LedgerWriter:
         self.stats.submitted += 1
         self.stats.outcomes[OUTCOME_NAMES[record.outcome]] += 1
         self._unshipped += 1
-        if self._unshipped >= self._batch_size:
+        self._unread += 1
+        if self._unread >= self._batch_size:
             self._arrived.set()  # a full batch is waiting; otherwise the flush timer ships it
         return True
 
@@ -218,7 +241,7 @@ class LedgerWriter:
             log.error(
                 "ledger writer did not drain in %.1fs: %d records unwritten",
                 timeout_s,
-                self._queue.qsize(),
+                self.pending,
             )
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -229,19 +252,20 @@ class LedgerWriter:
         flush interval for a batch to fill, and the position after them."""
         deadline = time.monotonic() + self._flush_interval_s
         entries: list[JournalEntry] = []
-        position = journal.checkpoint_pos  # everything before it is in Postgres
+        position = self._read_pos
         while True:
             self._arrived.clear()
-            entries += await asyncio.to_thread(
-                journal.read, position, self._batch_size - len(entries)
-            )
-            if entries:
-                position = entries[-1].end
+            read = await asyncio.to_thread(journal.read, position, self._batch_size - len(entries))
+            if read:
+                entries += read
+                position = read[-1].end
+                self._unread = max(self._unread - len(read), 0)
             remaining = deadline - time.monotonic()
             if len(entries) >= self._batch_size or self._closing or remaining <= 0:
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
+        self._read_pos = position
         return [e.record for e in entries], position
 
     async def _next_batch(self) -> list[UsageRecord]:
@@ -263,29 +287,63 @@ class LedgerWriter:
         return batch
 
     async def _run(self) -> None:
+        """Read batches in order and ship up to ``concurrency`` of them at once; the journal's
+        checkpoint only ever advances over a run of committed batches, in order."""
         await self._ensure_partitions()
         last_partition_check = time.monotonic()
         journal = self._journal
         if journal is not None and self._unshipped:
             self.stats.replayed = self._unshipped
             log.info("replaying %d journal records not yet in Postgres", self._unshipped)
-        while True:
+        in_flight: collections.deque[_Batch] = collections.deque()
+        slots = asyncio.Semaphore(self._concurrency)
+        shipping: set[asyncio.Task[None]] = set()
+        while not self._stopped:
             if journal is not None:
-                batch, end = await self._next_journal_batch(journal)
+                records, end = await self._next_journal_batch(journal)
             else:
-                batch, end = await self._next_batch(), 0
-            if not batch:
+                records, end = await self._next_batch(), 0
+            if not records:
                 if self._closing:
-                    return
+                    break
                 continue
-            if not await self._write_with_retry(batch):
-                return  # shutting down with Postgres away: the journal keeps them
-            if journal is not None:
-                journal.commit(end)
-                self._unshipped = max(self._unshipped - len(batch), 0)
+            await slots.acquire()
+            if self._stopped:
+                slots.release()
+                break
+            batch = _Batch(records, end)
+            in_flight.append(batch)
+            task = asyncio.create_task(self._ship(batch, in_flight, slots))
+            shipping.add(task)
+            task.add_done_callback(shipping.discard)
             if time.monotonic() - last_partition_check > 3600:
                 await self._ensure_partitions()
                 last_partition_check = time.monotonic()
+        await asyncio.gather(*shipping)
+
+    async def _ship(
+        self, batch: _Batch, in_flight: collections.deque[_Batch], slots: asyncio.Semaphore
+    ) -> None:
+        try:
+            stored = await self._write_with_retry(batch.records)
+        except Exception:
+            log.exception("ledger writer failed; records stay in the journal")
+            stored = False
+        finally:
+            slots.release()
+        if not stored:
+            self._stopped = True  # what follows this batch must not pass its checkpoint
+            return
+        batch.done = True
+        shipped = 0
+        end: int | None = None
+        while in_flight and in_flight[0].done:
+            first = in_flight.popleft()
+            shipped += len(first.records)
+            end = first.end
+        if self._journal is not None and end is not None:
+            self._journal.commit(end)
+            self._unshipped = max(self._unshipped - shipped, 0)
 
     async def _ensure_partitions(self) -> None:
         try:
@@ -297,20 +355,21 @@ class LedgerWriter:
     async def _write_with_retry(self, batch: Sequence[UsageRecord]) -> bool:
         """Store ``batch``, retrying while Postgres is away; False when giving up at shutdown
         (the records stay in the journal, or are lost without one)."""
-        # Pricing and row building are CPU work (~200 µs a record, mostly genai-prices): done
-        # in a thread so the event loop, which also serves ext_proc, keeps being scheduled.
-        rows = await asyncio.to_thread(self._rows, batch)
+        # Pricing and encoding are CPU work: done in a thread so the event loop, which also
+        # serves ext_proc, keeps being scheduled, and so the next batch is prepared while
+        # Postgres stores this one.
+        costs, data = await asyncio.to_thread(self._encode, batch)
         delay = 0.05
         attempts = 0
         while True:
             try:
-                await self._store(rows)
+                await self._store(data, len(batch))
                 return True
             except _DATA_ERRORS as exc:
                 log.warning(
                     "a batch of %d records was refused (%s); writing one by one", len(batch), exc
                 )
-                await self._store_each(batch, rows)
+                await self._store_each(batch, costs)
                 return True
             except (psycopg.Error, OSError) as exc:
                 attempts += 1
@@ -329,12 +388,12 @@ class LedgerWriter:
                 delay = min(delay * 2, 5.0)
 
     async def _store_each(
-        self, batch: Sequence[UsageRecord], rows: Sequence[tuple[object, ...]]
+        self, batch: Sequence[UsageRecord], costs: Sequence[Decimal | str | None]
     ) -> None:
         """Store records one by one; those Postgres refuses go to the dead-letter table."""
-        for record, row in zip(batch, rows, strict=True):
+        for record, cost in zip(batch, costs, strict=True):
             try:
-                await self._store([row])
+                await self._store(copy_rows([record], [cost]), 1)
             except _DATA_ERRORS as exc:
                 async with self._pool.connection() as conn:
                     await conn.execute(
@@ -348,24 +407,27 @@ class LedgerWriter:
 
     async def write_batch(self, batch: Sequence[UsageRecord]) -> int:
         """Store ``batch`` idempotently; return how many rows were new."""
-        return await self._store(self._rows(batch))
+        _, data = self._encode(batch)
+        return await self._store(data, len(batch))
 
-    def _rows(self, batch: Sequence[UsageRecord]) -> list[tuple[object, ...]]:
-        return [record_to_row(r, self._cost(r)) for r in batch]
+    def _encode(self, batch: Sequence[UsageRecord]) -> tuple[list[Decimal | str | None], bytes]:
+        costs = [self._cost(r) for r in batch]
+        return costs, copy_rows(batch, costs)
 
-    async def _store(self, rows: Sequence[tuple[object, ...]]) -> int:
+    async def _store(self, data: bytes, count: int) -> int:
+        """COPY ``count`` encoded rows into staging, move the new ones and roll them up, in one
+        transaction; return how many were new."""
         async with self._pool.connection() as conn, conn.transaction():
-            await conn.execute(_CREATE_STAGING)
+            await conn.execute(_PREPARE)
             async with conn.cursor() as cur:
-                async with cur.copy(f"COPY pg_temp.incoming_requests ({_COLS}) FROM STDIN") as copy:
-                    for row in rows:
-                        await copy.write_row(row)
+                async with cur.copy(_COPY) as copy:
+                    await copy.write(data)
                 await cur.execute(_MOVE_AND_ROLL_UP)
                 fetched = await cur.fetchone()
         inserted = int(fetched[0]) if fetched else 0  # type: ignore[index]
         self.stats.batches += 1
         self.stats.written += inserted
-        self.stats.duplicates += len(rows) - inserted
+        self.stats.duplicates += count - inserted
         return inserted
 
     def _cost(self, record: UsageRecord) -> Decimal | str | None:
