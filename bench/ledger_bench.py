@@ -6,14 +6,16 @@ temporary directory, default settings as `tollgate up` uses them: fsync on,
 shared_buffers 128 MB):
 
 * **writer**: N realistic UsageRecords (2,000 users, 50 gateway keys, 6 models over three
-  providers, tags, every token field, created_at spread over the current month) are built
-  in memory, then submitted to a real ``LedgerWriter`` and drained with ``close()``; the
-  clock runs from the first ``submit`` until every batch is committed. Once per batch size
-  with the writer pricing each record (as in production: records arrive without a cost),
-  and once with the cost already on the record (the storage path alone). Afterwards the
-  row count must equal N and ``daily_usage`` must equal the sums over ``requests``, group
-  by group. A breakdown times each step of one batch on its own (pricing, row building,
-  COPY, the INSERT … SELECT with the rollup, commit) and keeps its EXPLAIN ANALYZE.
+  providers, tags, every token field) are appended to a real journal (not timed), then a real
+  ``LedgerWriter`` on that journal is started and timed until every record is committed: the
+  production path (read and parse the journal, price, encode, COPY, move + rollup, advance
+  the checkpoint), as after an outage or behind a busy minute. The cases (``WRITER_CASES``)
+  vary one thing at a time: batch size, batches in flight at once, records arriving already
+  priced, and created_at spread over the last 10 minutes (a backlog of recent traffic) or
+  over the whole month (almost every record its own ``daily_usage`` row: the rollup's worst
+  case). Afterwards the row count must equal N and ``daily_usage`` must equal the sums over
+  ``requests``, group by group. A breakdown times each step of one batch on its own and
+  keeps the EXPLAIN ANALYZE of the move.
 * **summary**: ``tollgate.requests`` is filled with ≥ 10M rows by SQL (``INSERT … SELECT …
   generate_series`` in chunks of 1M rows, ~3 months, 10,000 users with a skewed
   distribution), ``daily_usage`` is built from it with one ``INSERT … SELECT … GROUP BY``,
@@ -60,7 +62,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from tollgate.app import run_migrations
 from tollgate.ledger import writer as writer_module
-from tollgate.ledger.records import COLUMNS, UsageRecord, new_request_id, record_to_row
+from tollgate.ledger.copy_text import copy_rows
+from tollgate.ledger.journal import Journal
+from tollgate.ledger.records import COLUMNS, UsageRecord, new_request_id
 from tollgate.ledger.writer import LedgerWriter
 from tollgate.localstack import EmbeddedPostgres
 from tollgate.pricing import PriceBook
@@ -73,7 +77,6 @@ LEDGER_DOC: Final = REPO / "docs" / "ledger.md"
 
 WRITER_GOAL_PER_S: Final = 50_000
 SUMMARY_GOAL_MS: Final = 100.0
-WRITER_BATCH_SIZES: Final = (1_000, 5_000)
 WRITER_USERS: Final = 2_000
 WRITER_KEYS: Final = 50
 SUMMARY_USERS: Final = 10_000
@@ -293,10 +296,33 @@ class Cluster:
 # -- part 1: the writer -----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class WriterCase:
+    """One writer measurement: how records arrive and how the writer is set up."""
+
+    mode: str  # "priced by the writer" (production) or "cost on the record"
+    window: str  # "10 min" (a backlog of recent traffic) or "month" (spread over the month)
+    batch_size: int
+    concurrency: int
+
+
+# The production path first, then one change at a time against it.
+WRITER_CASES: Final = (
+    WriterCase("priced by the writer", "10 min", 5_000, 2),  # Tollgate's defaults
+    WriterCase("priced by the writer", "10 min", 1_000, 2),
+    WriterCase("priced by the writer", "10 min", 5_000, 1),
+    WriterCase("priced by the writer", "10 min", 5_000, 3),
+    WriterCase("cost on the record", "10 min", 5_000, 2),
+    WriterCase("priced by the writer", "month", 5_000, 2),
+)
+
+
 @dataclass
 class WriterRun:
     mode: str
+    window: str
     batch_size: int
+    concurrency: int
     records: int
     written: int
     batches: int
@@ -335,41 +361,67 @@ SELECT (SELECT count(*) FROM tollgate.requests),
 """
 
 
-async def _drain_through_writer(
-    url: str, records: Sequence[UsageRecord], batch_size: int, cluster: Cluster
+def _fill_journal(directory: Path, records: Sequence[UsageRecord]) -> Journal:
+    """A journal holding ``records``, as the request path leaves it (not timed)."""
+    journal = Journal(directory)
+    for record in records:
+        journal.append(record)
+    journal.sync()
+    return journal
+
+
+async def _drain_journal(
+    url: str, journal: Journal, case: WriterCase, cluster: Cluster
 ) -> tuple[float, float, float, int, int]:
+    """Start a real LedgerWriter on a journal full of records (as after an outage, or the
+    backlog of a busy minute) and time it until every record is committed."""
     pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
-        url, min_size=1, max_size=4, open=False, name="bench-ledger"
+        url, min_size=case.concurrency + 1, max_size=case.concurrency + 2, open=False
     )
     await pool.open()
     await pool.wait(timeout=30)
     try:
         writer = LedgerWriter(
-            pool, queue_size=len(records), batch_size=batch_size, flush_interval_s=0.1
+            pool,
+            queue_size=1,
+            batch_size=case.batch_size,
+            flush_interval_s=0.1,
+            journal=journal,
+            concurrency=case.concurrency,
         )
+        total = writer.pending
+        deadline = time.monotonic() + 60 + total / 500
         cpu0, pg0 = time.process_time(), cluster.cpu_s()
         t0 = time.perf_counter()
         writer.start()
-        for record in records:
-            if not writer.submit(record):
-                raise BenchError("the writer's queue refused a record")
-        await writer.close(timeout_s=60 + len(records) / 500)
+        while writer.pending:
+            if time.monotonic() > deadline:
+                raise BenchError(f"writer did not drain: {writer.pending:,} records left")
+            await asyncio.sleep(0.005)
         seconds = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
         pg_cpu = cluster.cpu_s() - pg0
+        await writer.close(timeout_s=30)
         return seconds, cpu, pg_cpu, writer.stats.written, writer.stats.batches
     finally:
         await pool.close()
 
 
 def writer_run(
-    cluster: Cluster, records: Sequence[UsageRecord], batch_size: int, mode: str
+    cluster: Cluster, work_dir: Path, records: Sequence[UsageRecord], case: WriterCase
 ) -> WriterRun:
-    name = f"bench_writer_{batch_size}"
+    name = "bench_writer"
     url = cluster.fresh_database(name)
-    seconds, cpu, pg_cpu, written, batches = asyncio.run(
-        _drain_through_writer(url, records, batch_size, cluster)
-    )
+    journal_dir = work_dir / "journal"
+    shutil.rmtree(journal_dir, ignore_errors=True)
+    journal = _fill_journal(journal_dir, records)
+    try:
+        seconds, cpu, pg_cpu, written, batches = asyncio.run(
+            _drain_journal(url, journal, case, cluster)
+        )
+    finally:
+        journal.close()
+        shutil.rmtree(journal_dir, ignore_errors=True)
     with psycopg.connect(url) as conn:
         conn.execute(f"SET statement_timeout = '{QUERY_STATEMENT_TIMEOUT}'")
         row = conn.execute(_ROLLUP_CHECK).fetchone()
@@ -378,8 +430,10 @@ def writer_run(
     cluster.drop_database(name)
     rate = len(records) / seconds
     return WriterRun(
-        mode=mode,
-        batch_size=batch_size,
+        mode=case.mode,
+        window=case.window,
+        batch_size=case.batch_size,
+        concurrency=case.concurrency,
         records=len(records),
         written=written,
         batches=batches,
@@ -394,12 +448,94 @@ def writer_run(
     )
 
 
-# The staging step of LedgerWriter, repeated here to time it apart from the move.
-_CREATE_STAGING = (
-    "CREATE TEMP TABLE IF NOT EXISTS incoming_requests"
-    " (LIKE tollgate.requests INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+@dataclass
+class CeilingRun:
+    schema: str
+    batch_size: int
+    connections: int
+    records: int
+    seconds: float
+    records_per_s: float
+    postgres_cpu_s: float
+    postgres_us_per_record: float
+
+
+_SECONDARY_INDEXES: Final = (
+    "tollgate.requests_user_time_idx",
+    "tollgate.requests_key_time_idx",
+    "tollgate.requests_time_idx",
 )
-_COPY = f"COPY pg_temp.incoming_requests ({', '.join(COLUMNS)}) FROM STDIN"
+
+
+async def _store_encoded(url: str, batches: Sequence[bytes], connections: int) -> None:
+    """The writer's own statements over ``connections`` connections, nothing else."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for data in batches:
+        queue.put_nowait(data)
+
+    async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+        while not queue.empty():
+            data = queue.get_nowait()
+            async with conn.transaction():
+                await conn.execute(writer_module._PREPARE)
+                async with conn.cursor() as cur:
+                    async with cur.copy(writer_module._COPY) as copy:
+                        await copy.write(data)
+                    await cur.execute(writer_module._MOVE_AND_ROLL_UP)
+
+    conns = [await psycopg.AsyncConnection.connect(url) for _ in range(connections)]
+    try:
+        await asyncio.gather(*(work(c) for c in conns))
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+def ceiling_run(
+    cluster: Cluster,
+    records: Sequence[UsageRecord],
+    batch_size: int,
+    connections: int,
+    *,
+    secondary_indexes: bool,
+) -> CeilingRun:
+    """Postgres alone: the batches priced and encoded beforehand (not timed), then only the
+    writer's SQL, on ``connections`` connections so Postgres may use every core. No writer
+    design with these statements can be faster on this machine."""
+    prices = PriceBook()
+    costs = [_writer_cost(prices, r) for r in records]
+    batches = [
+        copy_rows(records[i : i + batch_size], costs[i : i + batch_size])
+        for i in range(0, len(records), batch_size)
+    ]
+    name = "bench_writer_ceiling"
+    url = cluster.fresh_database(name)
+    if not secondary_indexes:
+        with psycopg.connect(url, autocommit=True) as conn:
+            for index in _SECONDARY_INDEXES:
+                conn.execute(f"DROP INDEX {index}")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+    pg0 = cluster.cpu_s()
+    t0 = time.perf_counter()
+    asyncio.run(_store_encoded(url, batches, connections))
+    seconds = time.perf_counter() - t0
+    pg_cpu = cluster.cpu_s() - pg0
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM tollgate.requests").fetchone()
+    cluster.drop_database(name)
+    if row is None or row[0] != len(records):
+        raise BenchError(f"ceiling run stored {row} rows instead of {len(records)}")
+    return CeilingRun(
+        schema="as migrated" if secondary_indexes else "without the 3 secondary indexes",
+        batch_size=batch_size,
+        connections=connections,
+        records=len(records),
+        seconds=round(seconds, 2),
+        records_per_s=round(len(records) / seconds),
+        postgres_cpu_s=round(pg_cpu, 1),
+        postgres_us_per_record=round(pg_cpu / len(records) * 1e6, 1),
+    )
 
 
 def _writer_cost(prices: PriceBook, r: UsageRecord) -> Decimal | str | None:
@@ -418,11 +554,12 @@ def _writer_cost(prices: PriceBook, r: UsageRecord) -> Decimal | str | None:
     )
 
 
-async def _profile(url: str, batches: list[list[UsageRecord]]) -> dict[str, Any]:
-    move = getattr(writer_module, "_MOVE_AND_ROLL_UP", None)
+async def _profile(url: str, batches: list[list[bytes]]) -> dict[str, Any]:
+    """The writer's statements (taken from its module) one step at a time, one connection."""
     steps: dict[str, list[float]] = {
-        "pricing (genai-prices)": [],
-        "record_to_row": [],
+        "parse the journal record": [],
+        "pricing": [],
+        "encode COPY text": [],
         "COPY into staging": [],
         "INSERT … SELECT + rollup": [],
         "commit": [],
@@ -430,27 +567,29 @@ async def _profile(url: str, batches: list[list[UsageRecord]]) -> dict[str, Any]
     explain = ""
     prices = PriceBook()
     async with await psycopg.AsyncConnection.connect(url) as conn:
-        for n, batch in enumerate(batches):
+        for n, blobs in enumerate(batches):
+            t = time.perf_counter()
+            batch = [UsageRecord.FromString(b) for b in blobs]
+            steps["parse the journal record"].append(time.perf_counter() - t)
             t = time.perf_counter()
             costs = [_writer_cost(prices, r) for r in batch]
-            steps["pricing (genai-prices)"].append(time.perf_counter() - t)
+            steps["pricing"].append(time.perf_counter() - t)
             t = time.perf_counter()
-            rows = [record_to_row(r, c) for r, c in zip(batch, costs, strict=True)]
-            steps["record_to_row"].append(time.perf_counter() - t)
-            await conn.execute(_CREATE_STAGING)
+            data = copy_rows(batch, costs)
+            steps["encode COPY text"].append(time.perf_counter() - t)
+            await conn.execute(writer_module._PREPARE)
             t = time.perf_counter()
-            async with conn.cursor() as cur, cur.copy(_COPY) as copy:
-                for row in rows:
-                    await copy.write_row(row)
+            async with conn.cursor() as cur, cur.copy(writer_module._COPY) as copy:
+                await copy.write(data)
             steps["COPY into staging"].append(time.perf_counter() - t)
-            if move is not None:
-                t = time.perf_counter()
-                if n == len(batches) - 1:
-                    cur = await conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + move)
-                    explain = "\n".join(str(r[0]) for r in await cur.fetchall())
-                else:
-                    await (await conn.execute(move)).fetchall()
-                steps["INSERT … SELECT + rollup"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            move = writer_module._MOVE_AND_ROLL_UP
+            if n == len(batches) - 1:
+                cur = await conn.execute("EXPLAIN (ANALYZE, BUFFERS, WAL) " + move)
+                explain = "\n".join(str(r[0]) for r in await cur.fetchall())
+            else:
+                await (await conn.execute(move)).fetchall()
+            steps["INSERT … SELECT + rollup"].append(time.perf_counter() - t)
             t = time.perf_counter()
             await conn.commit()
             steps["commit"].append(time.perf_counter() - t)
@@ -460,17 +599,18 @@ async def _profile(url: str, batches: list[list[UsageRecord]]) -> dict[str, Any]
         "batch_size": size,
         "batches": len(batches),
         "us_per_record_median": per_record,
-        "explain_move": explain or "(LedgerWriter has no _MOVE_AND_ROLL_UP; not profiled)",
+        "explain_move": explain,
     }
 
 
 def writer_profile(cluster: Cluster, start: datetime, end: datetime) -> dict[str, Any]:
     """Each step of the writer's work on its own, batch after batch, on a fresh ledger."""
-    size = WRITER_BATCH_SIZES[-1]
+    size = WRITER_CASES[0].batch_size
     name = "bench_writer_profile"
     url = cluster.fresh_database(name)
     records = make_records(size * (PROFILE_BATCHES + 1), start, end, SEED + 1)
-    batches = [records[i : i + size] for i in range(0, len(records), size)]
+    blobs = [r.SerializeToString() for r in records]
+    batches = [blobs[i : i + size] for i in range(0, len(blobs), size)]
     try:
         return asyncio.run(_profile(url, batches))
     finally:
@@ -479,31 +619,53 @@ def writer_profile(cluster: Cluster, start: datetime, end: datetime) -> dict[str
 
 def run_writer_part(cluster: Cluster, count: int, report: dict[str, Any]) -> None:
     now = datetime.now(UTC)
-    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    _progress(f"writer: building {count:,} records in memory")
-    t = time.perf_counter()
-    records = make_records(count, start, now, SEED)
-    report["writer_records_built_s"] = round(time.perf_counter() - t, 1)
+    starts = {
+        "10 min": now - timedelta(minutes=10),
+        "month": now.replace(day=1, hour=0, minute=0, second=0, microsecond=0),
+    }
+    built: dict[str, list[UsageRecord]] = {}
+    priced: dict[str, list[UsageRecord]] = {}
     runs: list[WriterRun] = []
-    for mode in ("priced by the writer", "cost on the record"):
-        if mode == "cost on the record":
-            for r in records:
-                cost = list_price(r)
-                if cost is not None:
-                    r.cost_usd = cost
-        for size in WRITER_BATCH_SIZES:
-            _progress(f"writer: {count:,} records, batch {size:,}, {mode}")
-            run = writer_run(cluster, records, size, mode)
-            _progress(
-                f"  {run.records_per_s:,} records/s ({run.seconds}s); rows {run.rows_in_requests:,}"
-                f", rollup mismatches {run.rollup_mismatches}"
-            )
-            runs.append(run)
-            if run.rows_in_requests != count or run.rollup_mismatches:
-                raise BenchError(f"writer run did not verify: {run}")
+    for case in WRITER_CASES:
+        if case.window not in built:
+            _progress(f"writer: building {count:,} records ({case.window}) in memory")
+            built[case.window] = make_records(count, starts[case.window], now, SEED)
+        records = built[case.window]
+        if case.mode == "cost on the record":
+            if case.window not in priced:
+                priced[case.window] = []
+                for r in records:
+                    copy = UsageRecord()
+                    copy.CopyFrom(r)
+                    cost = list_price(r)
+                    if cost is not None:
+                        copy.cost_usd = cost
+                    priced[case.window].append(copy)
+            records = priced[case.window]
+        _progress(
+            f"writer: {count:,} records, {case.mode}, {case.window}, batch {case.batch_size:,}"
+            f", {case.concurrency} at once"
+        )
+        run = writer_run(cluster, cluster.work_dir, records, case)
+        _progress(
+            f"  {run.records_per_s:,} records/s ({run.seconds}s); rows {run.rows_in_requests:,}"
+            f", rollup mismatches {run.rollup_mismatches}"
+        )
+        runs.append(run)
+        if run.rows_in_requests != count or run.rollup_mismatches:
+            raise BenchError(f"writer run did not verify: {run}")
     report["writer"] = [r.__dict__ for r in runs]
+    ceilings: list[CeilingRun] = []
+    for secondary in (True, False):
+        _progress(f"writer: Postgres alone, secondary indexes {secondary}")
+        ceiling = ceiling_run(
+            cluster, built["10 min"], WRITER_CASES[0].batch_size, 2, secondary_indexes=secondary
+        )
+        _progress(f"  {ceiling.records_per_s:,} records/s")
+        ceilings.append(ceiling)
+    report["writer_ceiling"] = [c.__dict__ for c in ceilings]
     _progress("writer: profiling one batch step by step")
-    report["writer_profile"] = writer_profile(cluster, start, now)
+    report["writer_profile"] = writer_profile(cluster, starts["10 min"], now)
 
 
 # -- part 2: 10M rows and the dashboard's queries -------------------------------------------
@@ -854,16 +1016,17 @@ def markdown(report: dict[str, Any]) -> str:
     if "writer" in report:
         lines += [
             "",
-            f"### Writer: submit → all committed (goal ≥ {WRITER_GOAL_PER_S:,}/s)",
+            f"### Writer: journal → all committed (goal ≥ {WRITER_GOAL_PER_S:,}/s)",
             "",
-            "| mode | batch | records | seconds | records/s | Python CPU s | Postgres CPU s"
-            " | rows | rollup | goal |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+            "| mode | created_at | batch | at once | records | seconds | records/s"
+            " | Python CPU s | Postgres CPU s | rows | rollup | goal |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
         ]
         for w in report["writer"]:
             rollup = "equal" if w["rollup_mismatches"] == 0 else f"{w['rollup_mismatches']} off"
             lines.append(
-                f"| {w['mode']} | {w['batch_size']:,} | {w['records']:,} | {w['seconds']} "
+                f"| {w['mode']} | {w['window']} | {w['batch_size']:,} | {w['concurrency']} "
+                f"| {w['records']:,} | {w['seconds']} "
                 f"| {w['records_per_s']:,} | {w['python_cpu_s']} | {w['postgres_cpu_s']} "
                 f"| {w['rows_in_requests']:,} | {rollup} | {'met' if w['goal_met'] else 'MISSED'} |"
             )
@@ -875,6 +1038,19 @@ def markdown(report: dict[str, Any]) -> str:
                 f"The writer did NOT reach {WRITER_GOAL_PER_S:,} records/s on this machine "
                 f"(best {best:,}/s); see the step breakdown below.",
             ]
+        lines += [
+            "",
+            "Postgres alone (batches priced and encoded beforehand, only the writer's SQL, "
+            "created_at over 10 min): the most any writer with these statements can store here.",
+            "",
+            "| schema | batch | connections | records/s | Postgres CPU µs/record |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {c['schema']} | {c['batch_size']:,} | {c['connections']} "
+            f"| {c['records_per_s']:,} | {c['postgres_us_per_record']} |"
+            for c in report.get("writer_ceiling", [])
+        ]
         prof = report["writer_profile"]
         lines += [
             "",
@@ -987,7 +1163,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             "records": 0 if args.skip_writer else records,
             "rows": 0 if args.skip_summary else rows,
-            "writer_batch_sizes": list(WRITER_BATCH_SIZES),
+            "writer_cases": [c.__dict__ for c in WRITER_CASES],
             "fill_chunk": FILL_CHUNK,
             "query_runs": QUERY_RUNS,
         },

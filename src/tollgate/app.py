@@ -189,7 +189,12 @@ class Stack:
 
     async def _start_pool(self) -> None:
         pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
-            self.database_url, min_size=1, max_size=4, open=False, name="tollgate-ledger"
+            self.database_url,
+            min_size=1,
+            # the writer's batches in flight, plus the key cache, usage service and partitions
+            max_size=self.settings.writer_concurrency + 3,
+            open=False,
+            name="tollgate-ledger",
         )
         await pool.open()
         await pool.wait(timeout=30)
@@ -208,6 +213,7 @@ class Stack:
             journal=journal,
             journal_max_bytes=s.journal_max_bytes,
             reject_when_full=s.journal_full_policy == "reject",
+            concurrency=s.writer_concurrency,
         )
         self._r.writer.start()
         self._r.fsync = asyncio.create_task(

@@ -145,7 +145,13 @@ class Settings:
         "records, where no journal is used (tools and tests; `serve` and `up` journal).",
     )
     writer_batch_size: int = _setting(
-        1000, "Most records the ledger writer sends to Postgres in one transaction."
+        5000, "Most records the ledger writer sends to Postgres in one transaction."
+    )
+    writer_concurrency: int = _setting(
+        2,
+        "Batches the ledger writer has in flight at once, each on its own Postgres connection "
+        "(the next batch is priced and encoded while earlier ones commit; the journal's "
+        "checkpoint only advances over batches committed in order).",
     )
     writer_flush_interval_ms: int = _setting(
         100,
@@ -337,6 +343,7 @@ def _validated(settings: Settings) -> Settings:
         "extproc_message_timeout_ms",
         "writer_queue_size",
         "writer_batch_size",
+        "writer_concurrency",
         "writer_flush_interval_ms",
         "journal_max_bytes",
         "journal_fsync_interval_ms",

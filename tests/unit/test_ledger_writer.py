@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -13,6 +14,7 @@ from genai_prices import Usage, calc_price
 from psycopg_pool import AsyncConnectionPool
 
 from tollgate.app import run_migrations
+from tollgate.ledger.journal import Journal
 from tollgate.ledger.migrate import available_migrations
 from tollgate.ledger.records import UsageRecord, new_request_id
 from tollgate.ledger.writer import LedgerWriter
@@ -188,3 +190,57 @@ async def test_writer_retries_until_postgres_can_take_the_batch(database_url: st
         (5, 15)
     ]
     await pool.close()
+
+
+async def test_checkpoint_advances_only_over_batches_committed_in_order(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]], tmp_path: Path
+) -> None:
+    # Three batches in flight at once; the first one is held back until the other two are in
+    # Postgres. Until it commits the checkpoint must not move: a crash then replays all six
+    # (the two later batches as harmless duplicates) instead of losing the first two.
+    journal = Journal(tmp_path / "journal")
+    records = [record(f"order-{i}", i + 1, 1) for i in range(6)]
+    for r in records:
+        journal.append(r)
+    start, end = journal.checkpoint_pos, journal.read(0, 6)[-1].end
+    release = asyncio.Event()
+
+    class FirstBatchHeld(LedgerWriter):
+        async def _write_with_retry(self, batch: Sequence[UsageRecord]) -> bool:
+            if batch[0].request_id == records[0].request_id:
+                await release.wait()
+            return await super()._write_with_retry(batch)
+
+    writer = FirstBatchHeld(
+        pool, queue_size=1, batch_size=2, flush_interval_s=0.01, journal=journal, concurrency=3
+    )
+    writer.start()
+    deadline = asyncio.get_running_loop().time() + 10
+    while await fetch(pool, "SELECT count(*) FROM tollgate.requests") != [(4,)]:
+        assert asyncio.get_running_loop().time() < deadline, "later batches never committed"
+        await asyncio.sleep(0.02)
+    assert journal.checkpoint_pos == start
+    assert writer.pending == 6
+    release.set()
+    await writer.close(timeout_s=10)
+    assert journal.checkpoint_pos == end
+    assert writer.pending == 0
+    assert await fetch(pool, "SELECT count(*), sum(requests) FROM tollgate.daily_usage") == [(6, 6)]
+    journal.close()
+
+
+async def test_concurrent_batches_sharing_rollup_rows_add_up(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
+) -> None:
+    # Four connections write batches that all touch the same rollup rows at once: the rows are
+    # locked in one order, so no deadlock, and every record is counted exactly once.
+    writer = make_writer(pool, batch_size=50, queue_size=2000, concurrency=4)
+    writer.start()
+    for i in range(1000):
+        writer.submit(record(f"shared-{i % 7}", 10, 1))
+    await writer.close(timeout_s=30)
+    assert writer.stats.written == 1000
+    assert writer.stats.failed_attempts == 0  # a deadlock would have cost a retry
+    assert await fetch(
+        pool, "SELECT count(*), sum(requests), sum(input_tokens) FROM tollgate.daily_usage"
+    ) == [(7, 1000, 10_000)]

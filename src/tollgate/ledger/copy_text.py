@@ -88,7 +88,9 @@ def copy_rows(records: Sequence[UsageRecord], costs: Sequence[Decimal | str | No
     ``cost_usd``, UTF-8 encoded."""
     seconds = _Seconds()
     arrays: dict[tuple[str, ...], str] = {}
-    lines = [_row(r, c, seconds, arrays) for r, c in zip(records, costs, strict=True)]
+    # A batch repeats its users, keys, models and URIs: each distinct string is escaped once.
+    texts: dict[str, str] = {}
+    lines = [_row(r, c, seconds, arrays, texts) for r, c in zip(records, costs, strict=True)]
     lines.append("")
     return "\n".join(lines).encode()
 
@@ -98,28 +100,51 @@ def _row(
     cost: Decimal | str | None,
     seconds: _Seconds,
     arrays: dict[tuple[str, ...], str],
+    texts: dict[str, str],
 ) -> str:
+    # Unrolled on purpose: this runs for every record the ledger stores.
     has = r.HasField
+
+    def text(value: str) -> str:
+        escaped = texts.get(value)
+        if escaped is None:
+            escaped = texts[value] = copy_text(value)
+        return escaped
+
     at = r.created_at
-    fields = [
-        copy_text(r.request_id),
-        f"{seconds.format(at.seconds)}.{at.nanos // 1000:06d}+00",
-    ]
-    fields += [copy_text(getattr(r, n)) if has(n) else _NULL for n in _TEXT_HEAD]
-    fields.append("t" if r.streamed else "f")
-    fields.append(str(r.status_code) if has("status_code") else _NULL)
-    fields.append(OUTCOME_NAMES[r.outcome])
-    fields.append(copy_text(r.block_reason) if has("block_reason") else _NULL)
-    fields += [str(getattr(r, n)) if has(n) else _NULL for n in _COUNTS]
-    fields.append(copy_text(json.dumps(dict(r.units), sort_keys=True)) if r.units else _NULL)
-    fields.append(_NULL if cost is None else str(cost))
-    fields += [str(getattr(r, n)) if has(n) else _NULL for n in _TIMINGS]
-    fields.append(_array(r.tags, arrays))
-    fields.append(_array(r.limit_ids, arrays))
-    fields += [copy_text(getattr(r, n)) if has(n) else _NULL for n in _USE_CASE]
-    fields.append("t" if r.logging_disabled else "f")
-    fields.append(copy_text(r.upstream_base_uri) if has("upstream_base_uri") else _NULL)
-    return "\t".join(fields)
+    return "\t".join(
+        (
+            text(r.request_id),
+            f"{seconds.format(at.seconds)}.{at.nanos // 1000:06d}+00",
+            text(r.key_id) if has("key_id") else _NULL,
+            text(r.end_user_id) if has("end_user_id") else _NULL,
+            text(r.identity_source) if has("identity_source") else _NULL,
+            text(r.provider) if has("provider") else _NULL,
+            text(r.model) if has("model") else _NULL,
+            text(r.endpoint) if has("endpoint") else _NULL,
+            "t" if r.streamed else "f",
+            str(r.status_code) if has("status_code") else _NULL,
+            OUTCOME_NAMES[r.outcome],
+            text(r.block_reason) if has("block_reason") else _NULL,
+            str(r.input_tokens) if has("input_tokens") else _NULL,
+            str(r.cached_input_tokens) if has("cached_input_tokens") else _NULL,
+            str(r.cache_write_tokens) if has("cache_write_tokens") else _NULL,
+            str(r.output_tokens) if has("output_tokens") else _NULL,
+            str(r.reasoning_tokens) if has("reasoning_tokens") else _NULL,
+            str(r.total_tokens) if has("total_tokens") else _NULL,
+            copy_text(json.dumps(dict(r.units), sort_keys=True)) if r.units else _NULL,
+            _NULL if cost is None else str(cost),
+            str(r.latency_ms) if has("latency_ms") else _NULL,
+            str(r.ttft_ms) if has("ttft_ms") else _NULL,
+            _array(r.tags, arrays),
+            _array(r.limit_ids, arrays),
+            text(r.use_case_id) if has("use_case_id") else _NULL,
+            text(r.use_case_name) if has("use_case_name") else _NULL,
+            text(r.use_case_version) if has("use_case_version") else _NULL,
+            "t" if r.logging_disabled else "f",
+            text(r.upstream_base_uri) if has("upstream_base_uri") else _NULL,
+        )
+    )
 
 
 # The field order above, spelled out for the test that holds it to COLUMNS.

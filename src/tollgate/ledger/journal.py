@@ -21,8 +21,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
 
@@ -62,8 +62,7 @@ def _read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int] | None:
     return None
 
 
-@dataclass(frozen=True)
-class JournalEntry:
+class JournalEntry(NamedTuple):
     record: UsageRecord
     end: int  # position just after this record
 
@@ -161,22 +160,30 @@ class Journal:
     def _parse(data: bytes, base: int, limit: int, entries: list[JournalEntry]) -> int:
         """Append up to ``limit`` whole records found in ``data``; bytes consumed."""
         pos = 0
+        size = len(data)
         while limit > 0:
-            head = _read_varint(data, pos)
-            if head is None:
-                break
-            length, body = head
-            if body + length > len(data):
+            # Records are a few hundred bytes: their length is a one- or two-byte varint.
+            if pos + 1 < size and data[pos] < 0x80:
+                length, body = data[pos], pos + 1
+            elif pos + 2 < size and data[pos + 1] < 0x80:
+                length, body = (data[pos] & 0x7F) | (data[pos + 1] << 7), pos + 2
+            else:
+                head = _read_varint(data, pos)
+                if head is None:
+                    break
+                length, body = head
+            end = body + length
+            if end > size:
                 break
             record = UsageRecord()
             try:
-                record.ParseFromString(data[body : body + length])
+                record.ParseFromString(data[body:end])
             except DecodeError:
                 log.error("journal: undecodable record at %d skipped", base + pos)
             else:
-                entries.append(JournalEntry(record, base + body + length))
+                entries.append(JournalEntry(record, base + end))
                 limit -= 1
-            pos = body + length
+            pos = end
         return pos
 
     def count_unshipped(self) -> int:

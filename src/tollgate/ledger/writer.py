@@ -16,12 +16,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import TypeVar
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -115,6 +118,8 @@ class _Batch:
     done: bool = False
 
 
+_T = TypeVar("_T")
+
 _DEAD_LETTER = "INSERT INTO tollgate.dead_letters (request_id, error, record) VALUES (%s, %s, %s)"
 # Postgres refused the data itself (not the connection): retrying the batch cannot help.
 _DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
@@ -154,6 +159,10 @@ class LedgerWriter:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._stopped = False  # a batch was given up (shutdown) or the writer failed
+        # Reading the journal, pricing and encoding are CPU work: done off the event loop
+        # (which also serves ext_proc), in one thread so that batches in flight do not fight
+        # over the GIL.
+        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
 
     @property
     def accepting(self) -> bool:
@@ -229,11 +238,16 @@ class LedgerWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
 
+    async def _in_thread(self, fn: Callable[..., _T], *args: object) -> _T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._cpu, functools.partial(fn, *args))
+
     async def close(self, timeout_s: float = 10.0) -> None:
         """Write what is queued (up to ``timeout_s``), then stop."""
         self._closing = True
         self._arrived.set()
         if self._task is None:
+            self._cpu.shutdown(wait=False)
             return
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
@@ -246,6 +260,7 @@ class LedgerWriter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._cpu.shutdown(wait=False)
 
     async def _next_journal_batch(self, journal: Journal) -> tuple[list[UsageRecord], int]:
         """Up to ``batch_size`` journal records from the read position, waiting up to the
@@ -255,7 +270,7 @@ class LedgerWriter:
         position = self._read_pos
         while True:
             self._arrived.clear()
-            read = await asyncio.to_thread(journal.read, position, self._batch_size - len(entries))
+            read = await self._in_thread(journal.read, position, self._batch_size - len(entries))
             if read:
                 entries += read
                 position = read[-1].end
@@ -355,10 +370,8 @@ class LedgerWriter:
     async def _write_with_retry(self, batch: Sequence[UsageRecord]) -> bool:
         """Store ``batch``, retrying while Postgres is away; False when giving up at shutdown
         (the records stay in the journal, or are lost without one)."""
-        # Pricing and encoding are CPU work: done in a thread so the event loop, which also
-        # serves ext_proc, keeps being scheduled, and so the next batch is prepared while
-        # Postgres stores this one.
-        costs, data = await asyncio.to_thread(self._encode, batch)
+        # Priced and encoded while earlier batches are being stored.
+        costs, data = await self._in_thread(self._encode, batch)
         delay = 0.05
         attempts = 0
         while True:
