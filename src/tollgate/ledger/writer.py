@@ -313,28 +313,32 @@ class LedgerWriter:
         in_flight: collections.deque[_Batch] = collections.deque()
         slots = asyncio.Semaphore(self._concurrency)
         shipping: set[asyncio.Task[None]] = set()
-        while not self._stopped:
-            if journal is not None:
-                records, end = await self._next_journal_batch(journal)
-            else:
-                records, end = await self._next_batch(), 0
-            if not records:
-                if self._closing:
+        try:
+            while not self._stopped:
+                if journal is not None:
+                    records, end = await self._next_journal_batch(journal)
+                else:
+                    records, end = await self._next_batch(), 0
+                if not records:
+                    if self._closing:
+                        break
+                    continue
+                await slots.acquire()
+                if self._stopped:
+                    slots.release()
                     break
-                continue
-            await slots.acquire()
-            if self._stopped:
-                slots.release()
-                break
-            batch = _Batch(records, end)
-            in_flight.append(batch)
-            task = asyncio.create_task(self._ship(batch, in_flight, slots))
-            shipping.add(task)
-            task.add_done_callback(shipping.discard)
-            if time.monotonic() - last_partition_check > 3600:
-                await self._ensure_partitions()
-                last_partition_check = time.monotonic()
-        await asyncio.gather(*shipping)
+                batch = _Batch(records, end)
+                in_flight.append(batch)
+                task = asyncio.create_task(self._ship(batch, in_flight, slots))
+                shipping.add(task)
+                task.add_done_callback(shipping.discard)
+                if time.monotonic() - last_partition_check > 3600:
+                    await self._ensure_partitions()
+                    last_partition_check = time.monotonic()
+            await asyncio.gather(*shipping)
+        finally:
+            for task in shipping:  # cancelled (close timed out): stop the batches in flight
+                task.cancel()
 
     async def _ship(
         self, batch: _Batch, in_flight: collections.deque[_Batch], slots: asyncio.Semaphore
