@@ -113,6 +113,10 @@ async def _abort_streams(url: str, count: int, concurrency: int = 16) -> int:
     connector = aiohttp.TCPConnector(force_close=True, limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(one(session) for _ in range(count)))
+    # Closed transports release their sockets in callbacks of the loop: let them run before
+    # asyncio.run() closes it, or a socket is left to the garbage collector (a
+    # ResourceWarning that once failed this test in CI).
+    await asyncio.sleep(0.25)
     return aborted
 
 
