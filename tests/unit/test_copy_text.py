@@ -17,18 +17,14 @@ from tollgate.ledger.records import COLUMNS, UsageRecord, new_request_id, record
 from tollgate.v1 import usage_pb2
 
 COLS = ", ".join(COLUMNS)
-TEXT_COLUMNS = (
-    "key_id",
-    "end_user_id",
-    "identity_source",
-    "provider",
-    "model",
-    "endpoint",
-    "block_reason",
-    "use_case_id",
-    "use_case_name",
-    "use_case_version",
-    "upstream_base_uri",
+# Every optional text column (request_id and cost_usd have values of their own).
+TEXT_COLUMNS = tuple(
+    f.name
+    for f in UsageRecord.DESCRIPTOR.fields
+    if f.type == f.TYPE_STRING
+    and f.has_presence
+    and f.name in COLUMNS
+    and f.name not in ("request_id", "cost_usd")
 )
 AWKWARD = [
     "",
