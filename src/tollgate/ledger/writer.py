@@ -2,9 +2,10 @@
 
 The request path calls :meth:`LedgerWriter.submit`, which never blocks and never awaits
 Postgres. With a :class:`~tollgate.ledger.journal.Journal` (always, in `serve`/`up`), submit
-appends the record to the journal and the writer ships journal records in order, advancing
-the journal's checkpoint after each commit; without one (tests, tools) records wait in a
-bounded in-memory queue. Each batch is COPYed into a per-connection staging table and moved
+appends the record to the journal and the writer ships journal records in order, with up to
+``concurrency`` batches in flight on separate connections, advancing the journal's checkpoint
+over each run of batches committed in order; without a journal (tests, tools) records wait
+in a bounded in-memory queue. Each batch is COPYed into a per-connection staging table and moved
 with ``INSERT … ON CONFLICT DO NOTHING RETURNING``; ``tollgate.daily_usage`` is updated only
 from the rows actually inserted, in the same transaction, so writing a batch twice changes
 nothing. A batch that Postgres refuses for its data is written record by record and the
