@@ -65,7 +65,7 @@ from tollgate.ledger import writer as writer_module
 from tollgate.ledger.copy_text import copy_rows
 from tollgate.ledger.journal import Journal
 from tollgate.ledger.records import COLUMNS, UsageRecord, new_request_id
-from tollgate.ledger.writer import LedgerWriter
+from tollgate.ledger.writer import LedgerWriter, record_cost
 from tollgate.localstack import EmbeddedPostgres
 from tollgate.pricing import PriceBook
 from tollgate.v1 import usage_pb2
@@ -491,23 +491,28 @@ async def _store_encoded(url: str, batches: Sequence[bytes], connections: int) -
             await conn.close()
 
 
+def encode_batches(records: Sequence[UsageRecord], batch_size: int) -> list[bytes]:
+    """``records`` priced and encoded as the writer would, batch by batch."""
+    prices = PriceBook()
+    costs = [record_cost(prices, r) for r in records]
+    return [
+        copy_rows(records[i : i + batch_size], costs[i : i + batch_size])
+        for i in range(0, len(records), batch_size)
+    ]
+
+
 def ceiling_run(
     cluster: Cluster,
-    records: Sequence[UsageRecord],
+    batches: Sequence[bytes],
+    records: int,
     batch_size: int,
     connections: int,
     *,
     secondary_indexes: bool,
 ) -> CeilingRun:
-    """Postgres alone: the batches priced and encoded beforehand (not timed), then only the
-    writer's SQL, on ``connections`` connections so Postgres may use every core. No writer
-    design with these statements can be faster on this machine."""
-    prices = PriceBook()
-    costs = [_writer_cost(prices, r) for r in records]
-    batches = [
-        copy_rows(records[i : i + batch_size], costs[i : i + batch_size])
-        for i in range(0, len(records), batch_size)
-    ]
+    """Postgres alone: ``records`` records in ``batches`` priced and encoded beforehand (not
+    timed), then only the writer's SQL, on ``connections`` connections so Postgres may use
+    every core. No writer design with these statements can be faster on this machine."""
     name = "bench_writer_ceiling"
     url = cluster.fresh_database(name)
     if not secondary_indexes:
@@ -524,33 +529,17 @@ def ceiling_run(
     with psycopg.connect(url) as conn:
         row = conn.execute("SELECT count(*) FROM tollgate.requests").fetchone()
     cluster.drop_database(name)
-    if row is None or row[0] != len(records):
-        raise BenchError(f"ceiling run stored {row} rows instead of {len(records)}")
+    if row is None or row[0] != records:
+        raise BenchError(f"ceiling run stored {row} rows instead of {records}")
     return CeilingRun(
         schema="as migrated" if secondary_indexes else "without the 3 secondary indexes",
         batch_size=batch_size,
         connections=connections,
-        records=len(records),
+        records=records,
         seconds=round(seconds, 2),
-        records_per_s=round(len(records) / seconds),
+        records_per_s=round(records / seconds),
         postgres_cpu_s=round(pg_cpu, 1),
-        postgres_us_per_record=round(pg_cpu / len(records) * 1e6, 1),
-    )
-
-
-def _writer_cost(prices: PriceBook, r: UsageRecord) -> Decimal | str | None:
-    """What LedgerWriter does to price a record."""
-    if r.HasField("cost_usd"):
-        return r.cost_usd
-    return prices.cost(
-        r.provider if r.HasField("provider") else None,
-        r.model if r.HasField("model") else None,
-        input_tokens=r.input_tokens if r.HasField("input_tokens") else None,
-        output_tokens=r.output_tokens if r.HasField("output_tokens") else None,
-        cached_input_tokens=r.cached_input_tokens if r.HasField("cached_input_tokens") else None,
-        cache_write_tokens=r.cache_write_tokens if r.HasField("cache_write_tokens") else None,
-        reasoning_tokens=r.reasoning_tokens if r.HasField("reasoning_tokens") else None,
-        units=dict(r.units),
+        postgres_us_per_record=round(pg_cpu / records * 1e6, 1),
     )
 
 
@@ -572,7 +561,7 @@ async def _profile(url: str, batches: list[list[bytes]]) -> dict[str, Any]:
             batch = [UsageRecord.FromString(b) for b in blobs]
             steps["parse the journal record"].append(time.perf_counter() - t)
             t = time.perf_counter()
-            costs = [_writer_cost(prices, r) for r in batch]
+            costs = [record_cost(prices, r) for r in batch]
             steps["pricing"].append(time.perf_counter() - t)
             t = time.perf_counter()
             data = copy_rows(batch, costs)
@@ -656,11 +645,11 @@ def run_writer_part(cluster: Cluster, count: int, report: dict[str, Any]) -> Non
             raise BenchError(f"writer run did not verify: {run}")
     report["writer"] = [r.__dict__ for r in runs]
     ceilings: list[CeilingRun] = []
+    size = WRITER_CASES[0].batch_size
+    encoded = encode_batches(built["10 min"], size)
     for secondary in (True, False):
         _progress(f"writer: Postgres alone, secondary indexes {secondary}")
-        ceiling = ceiling_run(
-            cluster, built["10 min"], WRITER_CASES[0].batch_size, 2, secondary_indexes=secondary
-        )
+        ceiling = ceiling_run(cluster, encoded, count, size, 2, secondary_indexes=secondary)
         _progress(f"  {ceiling.records_per_s:,} records/s")
         ceilings.append(ceiling)
     report["writer_ceiling"] = [c.__dict__ for c in ceilings]

@@ -36,7 +36,7 @@ from tollgate.ledger.records import COLUMNS, OUTCOME_NAMES, UsageRecord, optiona
 from tollgate.pricing import PriceBook
 from tollgate.v1 import usage_pb2
 
-__all__ = ["LedgerWriter", "WriterStats"]
+__all__ = ["LedgerWriter", "WriterStats", "record_cost"]
 
 log = logging.getLogger(__name__)
 
@@ -449,18 +449,23 @@ class LedgerWriter:
         return inserted
 
     def _cost(self, record: UsageRecord) -> Decimal | str | None:
-        if record.HasField("cost_usd"):
-            return record.cost_usd
-        cost = self._prices.cost(
-            optional(record, "provider"),
-            optional(record, "model"),
-            input_tokens=optional(record, "input_tokens"),
-            output_tokens=optional(record, "output_tokens"),
-            cached_input_tokens=optional(record, "cached_input_tokens"),
-            cache_write_tokens=optional(record, "cache_write_tokens"),
-            reasoning_tokens=optional(record, "reasoning_tokens"),
-            units=dict(record.units),
-        )
+        cost = record_cost(self._prices, record)
         if cost is None and record.outcome != usage_pb2.OUTCOME_BLOCKED:
             self.stats.unpriced += 1
         return cost
+
+
+def record_cost(prices: PriceBook, record: UsageRecord) -> Decimal | str | None:
+    """The record's own cost if it carries one, else what ``prices`` says its usage costs."""
+    if record.HasField("cost_usd"):
+        return record.cost_usd
+    return prices.cost(
+        optional(record, "provider"),
+        optional(record, "model"),
+        input_tokens=optional(record, "input_tokens"),
+        output_tokens=optional(record, "output_tokens"),
+        cached_input_tokens=optional(record, "cached_input_tokens"),
+        cache_write_tokens=optional(record, "cache_write_tokens"),
+        reasoning_tokens=optional(record, "reasoning_tokens"),
+        units=dict(record.units),
+    )
