@@ -30,6 +30,7 @@ OUTCOME_NAMES: dict[int, str] = {
     usage_pb2.OUTCOME_UPSTREAM_ERROR: "upstream_error",
     usage_pb2.OUTCOME_CLIENT_ABORTED: "client_aborted",
     usage_pb2.OUTCOME_USAGE_MISSING: "usage_missing",
+    usage_pb2.OUTCOME_INTERNAL_ERROR: "internal_error",
 }
 
 # Column order of the COPY into the staging table; every ledger column but none computed.

@@ -22,6 +22,7 @@ _OUTCOMES = {
     "upstream_error": usage_pb2.OUTCOME_UPSTREAM_ERROR,
     "client_aborted": usage_pb2.OUTCOME_CLIENT_ABORTED,
     "usage_missing": usage_pb2.OUTCOME_USAGE_MISSING,
+    "internal_error": usage_pb2.OUTCOME_INTERNAL_ERROR,
 }
 _MAX_PAGE = 10_000
 
