@@ -52,6 +52,8 @@ class RequestRow:
     use_case_version: str | None
     logging_disabled: bool
     upstream_base_uri: str | None
+    usage_flags: list[str]
+    pricing_error: str | None
 
 
 @dataclass(frozen=True)

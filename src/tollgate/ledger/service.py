@@ -40,6 +40,7 @@ def row_to_record(row: RequestRow) -> usage_pb2.UsageRecord:
         tags=row.tags,
         limit_ids=row.limit_ids,
         logging_disabled=row.logging_disabled,
+        usage_flags=row.usage_flags,
     )
     record.created_at.FromDatetime(row.created_at)
     for name in OPTIONAL_SCALARS:
