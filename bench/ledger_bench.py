@@ -257,13 +257,13 @@ class Cluster:
         self.server.stop(timeout_s=30)
 
     def admin_url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.server.port}/postgres"
+        return self.server.url_for("postgres")
 
     def fresh_database(self, name: str) -> str:
         with psycopg.connect(self.admin_url(), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             conn.execute(f'CREATE DATABASE "{name}"')
-        url = f"postgresql://postgres@127.0.0.1:{self.server.port}/{name}"
+        url = self.server.url_for(name)
         asyncio.run(run_migrations(url))
         return url
 

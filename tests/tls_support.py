@@ -40,8 +40,9 @@ class CA:
     key: ec.EllipticCurvePrivateKey
     cert_path: Path
 
-    def issue(self, names: list[str], tmp_path: Path) -> tuple[Path, Path]:
-        """(cert_path, key_path) of a new server certificate for ``names`` (DNS names or IPs).
+    def issue(self, names: list[str], tmp_path: Path, *, client: bool = False) -> tuple[Path, Path]:
+        """(cert_path, key_path) of a new server certificate for ``names`` (DNS names or IPs);
+        with ``client``, a client certificate (extended key usage clientAuth) instead.
 
         The subject alternative names are exactly ``names``; the common name is the first.
         """
@@ -63,7 +64,12 @@ class CA:
             .not_valid_after(start + _VALIDITY)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]
+                ),
+                critical=False,
+            )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,

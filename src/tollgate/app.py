@@ -1,9 +1,12 @@
 """Wiring and lifecycle: database, ledger writer, gRPC servers, Envoy; graceful drain on stop.
 
 Start order: Postgres (embedded unless configured) → migrations → pool → ledger writer →
-gRPC (ext_proc, health, UsageService) → Envoy. Stop order is the reverse: Envoy stops taking
-traffic, health goes NOT_SERVING, the gRPC server stops with a grace period, the writer
-drains its queue, the pool closes, Postgres shuts down.
+key cache → Envoy → gRPC (ext_proc and health; UsageService on its own listener when on) →
+metrics. Each part registers its own teardown on an :class:`~contextlib.AsyncExitStack` as
+soon as it runs, so the stop is the reverse of what actually started: Envoy stops taking
+traffic, health goes NOT_SERVING, the gRPC servers stop with a grace period, the writer
+drains its queue, the pool closes, Postgres shuts down. A teardown that fails is logged and
+the next one runs; stopping twice is harmless.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +29,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from psycopg_pool import AsyncConnectionPool
 
-from tollgate.config import ConfigError, Settings, mask_url
+from tollgate.config import ConfigError, Settings, mask_dsn
 from tollgate.envoyconf import render_yaml
 from tollgate.extproc.processor import PolicyConfig, ProcessorContext, RequestProcessor
 from tollgate.extproc.server import ExternalProcessorServicer
 from tollgate.ledger.journal import Journal
 from tollgate.ledger.migrate import apply_migrations
-from tollgate.ledger.service import UsageServicer
+from tollgate.ledger.service import BearerTokenInterceptor, UsageServicer
 from tollgate.ledger.writer import LedgerWriter
 from tollgate.localstack import (
     EmbeddedPostgres,
@@ -51,9 +56,11 @@ __all__ = [
     "Stack",
     "StackOptions",
     "build_router",
+    "grpc_server_credentials",
     "ledger_database",
     "run_migrations",
     "stop_signal",
+    "usage_service_token",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,17 +131,71 @@ class StackOptions:
 class _Running:
     pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
     writer: LedgerWriter | None = None
-    server: grpc.aio.Server | None = None
-    health: health_aio.HealthServicer | None = None
-    envoy: EnvoyProcess | None = None
-    fake: FakeProviderProcess | None = None
-    metrics_stop: Callable[[], None] | None = None
     extproc: ExternalProcessorServicer | None = None
     keys: KeyCache | None = None
-    key_refresher: asyncio.Task[None] | None = None
-    journal: Journal | None = None
-    fsync: asyncio.Task[None] | None = None
-    exits: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+
+
+def grpc_server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """Mutual TLS for the ext_proc listener, or None (plaintext) when no certificate is set."""
+    if not settings.grpc_tls_cert_file:
+        return None
+    key, cert = _read_pem(settings.grpc_tls_key_file), _read_pem(settings.grpc_tls_cert_file)
+    client_ca = (
+        _read_pem(settings.grpc_tls_client_ca_file) if settings.grpc_tls_client_ca_file else None
+    )
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _read_pem(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def usage_service_token(settings: Settings) -> str:
+    """The token UsageService callers must send, from the setting or its file."""
+    token = settings.usage_service_token
+    if settings.usage_service_token_file:
+        try:
+            token = Path(settings.usage_service_token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"usage_service_token_file: cannot read {settings.usage_service_token_file}: "
+                f"{exc.strerror}"
+            ) from None
+    if not token:
+        raise ConfigError("usage_service_token_file is empty: UsageService needs a token")
+    return token
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind ``server`` to ``address``; a unix socket is created owner-only (0600)."""
+    is_unix = address.startswith("unix:")
+    # The umask covers the moment gRPC creates the socket file; chmod and the check make sure.
+    old_umask = os.umask(0o177) if is_unix else None
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # what grpc raises when the bind fails
+        port = 0
+    finally:
+        if old_umask is not None:
+            os.umask(old_umask)
+    if is_unix and port == 0:
+        raise OSError(f"cannot listen on {address}")
+    if is_unix:
+        path = Path(address.removeprefix("unix:"))
+        path.chmod(0o600)
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            raise OSError(f"cannot make {path} owner-only")
+    elif port == 0:
+        raise OSError(f"cannot listen on {address} (in use?)")
+    return port
 
 
 class Stack:
@@ -148,8 +209,11 @@ class Stack:
         self.router = build_router(settings)
         self.prices = PriceBook(parse_overrides(settings.price_overrides))
         self._r = _Running()
+        self._exits = contextlib.AsyncExitStack()
+        self._grace_s = 3.0
         self.database_url = ""
         self.grpc_port = 0
+        self.usage_port = 0
 
     @property
     def writer(self) -> LedgerWriter:
@@ -166,8 +230,11 @@ class Stack:
         state = s.resolved_state_dir()
         state.mkdir(parents=True, exist_ok=True)
         try:
-            self.database_url = await self._r.exits.enter_async_context(ledger_database(s))
-            log.info("ledger database: %s", mask_url(self.database_url))
+            # Read first: a missing certificate or token stops start-up before anything runs.
+            credentials = grpc_server_credentials(s)
+            token = usage_service_token(s) if s.usage_service_address else ""
+            self.database_url = await self._exits.enter_async_context(ledger_database(s))
+            log.info("ledger database: %s", mask_dsn(self.database_url))
             applied = await run_migrations(self.database_url)
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
@@ -178,14 +245,30 @@ class Stack:
             grpc_address = _concrete_address(s.grpc_address)
             if self.options.fake_provider_port is not None:
                 await self._start_fake_provider(state, self.options.fake_provider_port)
+            envoy = None
             if self.options.run_envoy:
-                await self._start_envoy(state, s.with_overrides(grpc_address=grpc_address))
-            await self._start_grpc(grpc_address)
+                envoy = await self._start_envoy(state, s.with_overrides(grpc_address=grpc_address))
+            await self._start_grpc(grpc_address, credentials, envoy)
+            if s.usage_service_address:
+                await self._start_usage_service(s.usage_service_address, token)
             if s.metrics_address:
-                self._r.metrics_stop = start_metrics_server(s.metrics_address, self)
+                self._teardown("metrics", start_metrics_server(s.metrics_address, self))
         except BaseException:
             await self.stop()
             raise
+
+    def _teardown(self, what: str, step: Callable[[], Awaitable[None] | None]) -> None:
+        """Register ``step`` to run at stop; if it fails, log that and go on with the rest."""
+
+        async def run() -> None:
+            try:
+                result = step()
+                if result is not None:
+                    await result
+            except Exception:
+                log.exception("stopping %s failed; going on with the rest", what)
+
+        self._exits.push_async_callback(run)
 
     async def _start_pool(self) -> None:
         pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
@@ -196,6 +279,7 @@ class Stack:
             open=False,
             name="tollgate-ledger",
         )
+        self._teardown("the database pool", pool.close)
         await pool.open()
         await pool.wait(timeout=30)
         self._r.pool = pool
@@ -203,8 +287,8 @@ class Stack:
     def _start_writer(self) -> None:
         s = self.settings
         journal = Journal(s.resolved_state_dir() / "journal")
-        self._r.journal = journal
-        self._r.writer = LedgerWriter(
+        self._teardown("the journal", journal.close)
+        writer = LedgerWriter(
             self.pool,
             queue_size=s.writer_queue_size,
             batch_size=s.writer_batch_size,
@@ -215,10 +299,13 @@ class Stack:
             reject_when_full=s.journal_full_policy == "reject",
             concurrency=s.writer_concurrency,
         )
-        self._r.writer.start()
-        self._r.fsync = asyncio.create_task(
-            self._r.writer.run_fsync(s.journal_fsync_interval_ms / 1000), name="journal-fsync"
+        self._r.writer = writer
+        fsync = asyncio.create_task(
+            writer.run_fsync(s.journal_fsync_interval_ms / 1000), name="journal-fsync"
         )
+        self._teardown("the journal fsync task", lambda: _cancelled(fsync))
+        writer.start()
+        self._teardown("the ledger writer", lambda: writer.close(timeout_s=5.0))
 
     async def _start_key_cache(self) -> None:
         """Load the gateway keys before serving, then reload them in the background."""
@@ -227,25 +314,33 @@ class Stack:
             count = await keys.refresh(conn)
         log.info("gateway keys: %d active", count)
         self._r.keys = keys
-        self._r.key_refresher = asyncio.create_task(
+        refresher = asyncio.create_task(
             keys.run(self.pool, self.settings.key_cache_refresh_s), name="tollgate-key-cache"
         )
+        self._teardown("the key cache", lambda: _cancelled(refresher))
 
     @property
     def keys(self) -> KeyCache:
         assert self._r.keys is not None
         return self._r.keys
 
-    async def _start_grpc(self, address: str) -> None:
+    def _grpc_options(self) -> list[tuple[str, Any]]:
+        max_message = self.settings.max_body_bytes + _GRPC_OVERHEAD_BYTES
+        return [
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", max_message),
+            ("grpc.so_reuseport", 0),
+        ]
+
+    async def _start_grpc(
+        self,
+        address: str,
+        credentials: grpc.ServerCredentials | None,
+        envoy: EnvoyProcess | None,
+    ) -> None:
+        """The ext_proc listener: ext_proc and gRPC health, nothing else."""
         s = self.settings
-        max_message = s.max_body_bytes + _GRPC_OVERHEAD_BYTES
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", max_message),
-                ("grpc.max_send_message_length", max_message),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
+        server = grpc.aio.server(options=self._grpc_options())
         context = ProcessorContext(
             sink=self.writer,
             router=self.router,
@@ -256,56 +351,61 @@ class Stack:
         ep_grpc.add_ExternalProcessorServicer_to_server(extproc, server)
         health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(self.pool), server)
-        self.grpc_port = server.add_insecure_port(address)
-        if self.grpc_port == 0 and not address.startswith("unix:"):
-            raise OSError(f"cannot listen on {address} (in use?)")
+        self.grpc_port = _bind(server, address, credentials)
         await server.start()
+
+        async def stop() -> None:
+            # Envoy first, so that no request arrives at a server going away.
+            if envoy is not None:
+                await asyncio.to_thread(envoy.stop)
+            await health.enter_graceful_shutdown()
+            await server.stop(self._grace_s)
+
+        self._teardown("the ext_proc server", stop)
         for service in ("", EXTPROC_SERVICE):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self._r.server, self._r.health, self._r.extproc = server, health, extproc
+        self._r.extproc = extproc
 
-    async def _start_envoy(self, state: Path, s: Settings) -> None:
+    async def _start_usage_service(self, address: str, token: str) -> None:
+        """UsageService on its own listener, every call checked for the bearer token."""
+        server = grpc.aio.server(
+            options=self._grpc_options(), interceptors=[BearerTokenInterceptor(token)]
+        )
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(self.pool), server)
+        s = self.settings
+        # Server TLS only: the token authenticates the caller.
+        credentials = (
+            grpc.ssl_server_credentials(
+                [(_read_pem(s.grpc_tls_key_file), _read_pem(s.grpc_tls_cert_file))]
+            )
+            if s.grpc_tls_cert_file
+            else None
+        )
+        self.usage_port = _bind(server, _concrete_address(address), credentials)
+        await server.start()
+        self._teardown("the UsageService server", lambda: server.stop(self._grace_s))
+
+    async def _start_envoy(self, state: Path, s: Settings) -> EnvoyProcess:
         config = state / "envoy.yaml"
         config.write_text(render_yaml(s, self.options.envoy_target), encoding="utf-8")
         envoy = EnvoyProcess(config, log_path=state / "envoy.log")
-        self._r.envoy = envoy
+        self._teardown("envoy", lambda: asyncio.to_thread(envoy.stop))
         await asyncio.to_thread(envoy.start)
+        return envoy
 
     async def _start_fake_provider(self, state: Path, port: int) -> None:
         fake = FakeProviderProcess(port, log_path=state / "fake-provider.log")
-        self._r.fake = fake
+        self._teardown("the fake provider", lambda: asyncio.to_thread(fake.stop))
         await asyncio.to_thread(fake.start)
 
     async def stop(self, grace_s: float = 3.0) -> None:
-        """Stop everything in reverse order; safe to call more than once."""
-        r = self._r
-        if r.envoy is not None:
-            await asyncio.to_thread(r.envoy.stop)
-        if r.health is not None:
-            await r.health.enter_graceful_shutdown()
-        if r.server is not None:
-            await r.server.stop(grace_s)
-        if r.fake is not None:
-            await asyncio.to_thread(r.fake.stop)
-        if r.key_refresher is not None:
-            r.key_refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await r.key_refresher
-        if r.writer is not None:
-            await r.writer.close(timeout_s=5.0)
-        if r.fsync is not None:
-            r.fsync.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await r.fsync
-        if r.journal is not None:
-            r.journal.close()
-        if r.metrics_stop is not None:
-            r.metrics_stop()
-        if r.pool is not None:
-            await r.pool.close()
-        await r.exits.aclose()
-        self._r = _Running()
+        """Run every registered teardown, last started first; safe to call more than once."""
+        self._grace_s = grace_s
+        exits, self._exits = self._exits, contextlib.AsyncExitStack()
+        try:
+            await exits.aclose()
+        finally:
+            self._r = _Running()
 
     async def wait_for_ledger(self, timeout_s: float = 10.0) -> None:
         """Wait until every submitted record has been written (or the timeout passes)."""
@@ -320,6 +420,12 @@ class Stack:
     @property
     def extproc(self) -> ExternalProcessorServicer | None:
         return self._r.extproc
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 @contextlib.contextmanager

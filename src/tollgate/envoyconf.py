@@ -117,6 +117,7 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CommonTlsContext,
     SubjectAltNameMatcher,
     SubjectAltNameMatcherSanType,
+    TlsCertificate,
     UpstreamTlsContext,
 )
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
@@ -231,13 +232,51 @@ def _extproc_cluster(settings: Settings, target: EnvoyTarget) -> Cluster:
         host = target.extproc_host or host.strip("[]")
         address = _socket(host, int(port))
         kind = ClusterDiscoveryType.STATIC if _is_ip(host) else ClusterDiscoveryType.STRICT_DNS
-    return Cluster(
+    cluster = Cluster(
         name=EXTPROC_CLUSTER,
         type=kind,
         connect_timeout=_seconds(1),
         typed_extension_protocol_options=_http2_options(),
         load_assignment=_cluster_load(EXTPROC_CLUSTER, address),
     )
+    if settings.envoy_grpc_client_cert_file:
+        server_name = settings.envoy_grpc_server_name or (
+            address.socket_address.address if address.socket_address else "localhost"
+        )
+        cluster.transport_socket = _extproc_mtls(settings, server_name)
+    return cluster
+
+
+def _extproc_mtls(settings: Settings, server_name: str) -> TransportSocket:
+    """Mutual TLS to Tollgate: Envoy's client certificate, Tollgate's chain checked against
+    ``envoy_grpc_ca_file`` and its SAN against ``server_name`` (also sent as SNI unless an IP)."""
+    is_ip = _is_ip(server_name)
+    context = UpstreamTlsContext(
+        sni="" if is_ip else server_name,
+        common_tls_context=CommonTlsContext(
+            alpn_protocols=["h2"],
+            tls_certificates=[
+                TlsCertificate(
+                    certificate_chain=DataSource(filename=settings.envoy_grpc_client_cert_file),
+                    private_key=DataSource(filename=settings.envoy_grpc_client_key_file),
+                )
+            ],
+            validation_context=CertificateValidationContext(
+                trusted_ca=DataSource(filename=settings.envoy_grpc_ca_file),
+                match_typed_subject_alt_names=[
+                    SubjectAltNameMatcher(
+                        san_type=(
+                            SubjectAltNameMatcherSanType.IP_ADDRESS
+                            if is_ip
+                            else SubjectAltNameMatcherSanType.DNS
+                        ),
+                        matcher=StringMatcher(exact=server_name),
+                    )
+                ],
+            ),
+        ),
+    )
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=AnyProto.pack(context))
 
 
 def _is_ip(host: str) -> bool:

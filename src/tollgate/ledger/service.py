@@ -1,7 +1,14 @@
-"""UsageService: read access to the ledger over gRPC, served next to ext_proc."""
+"""UsageService: read access to the ledger over gRPC, on its own listener behind a token.
+
+The service reads every record of every user, so it is never served without
+:class:`BearerTokenInterceptor`: a call without ``authorization: Bearer <token>`` (compared in
+constant time) ends with ``UNAUTHENTICATED`` before any handler runs.
+"""
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,7 +21,7 @@ from tollgate.ledger.queries import RequestRow, UsageFilter, fetch_requests, fet
 from tollgate.ledger.records import OPTIONAL_SCALARS
 from tollgate.v1 import usage_pb2, usage_pb2_grpc
 
-__all__ = ["UsageServicer", "row_to_record"]
+__all__ = ["BearerTokenInterceptor", "UsageServicer", "row_to_record"]
 
 _OUTCOMES = {
     "ok": usage_pb2.OUTCOME_OK,
@@ -25,6 +32,54 @@ _OUTCOMES = {
     "internal_error": usage_pb2.OUTCOME_INTERNAL_ERROR,
 }
 _MAX_PAGE = 10_000
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call whose ``authorization`` metadata is not ``Bearer <token>``."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("an empty token authenticates nobody")
+        self._expected = f"Bearer {token}".encode()
+
+    def allows(self, metadata: Any) -> bool:
+        """Whether ``metadata`` (the call's invocation metadata) carries the token."""
+        sent = [value for key, value in (metadata or ()) if key.lower() == "authorization"]
+        if len(sent) != 1:
+            return False
+        value = sent[0].encode() if isinstance(sent[0], str) else bytes(sent[0])
+        return hmac.compare_digest(value, self._expected)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or self.allows(handler_call_details.invocation_metadata):
+            return handler
+        return _refusing(handler)
+
+
+async def _unauthenticated(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+
+def _refusing(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same shape as ``handler`` that ends the call UNAUTHENTICATED."""
+    codec = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(_unauthenticated, **codec)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(_unauthenticated, **codec)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(_unauthenticated, **codec)
+    return grpc.stream_stream_rpc_method_handler(_unauthenticated, **codec)
 
 
 def _time(ts: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
