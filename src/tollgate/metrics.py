@@ -73,6 +73,15 @@ class StackCollector(Collector):
             "Open ext_proc streams",
             value=extproc.active_streams if extproc else 0,
         )
+        internal = CounterMetricFamily(
+            "tollgate_internal_errors",
+            "ext_proc handlers that raised, by phase (the request failed closed and was"
+            " recorded as internal_error)",
+            labels=["phase"],
+        )
+        for phase, count in sorted((extproc.internal_errors if extproc else {}).items()):
+            internal.add_metric([phase], count)
+        yield internal
 
 
 def start_metrics_server(address: str, stack: Stack) -> Callable[[], None]:

@@ -12,6 +12,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
+from tests.unit.doubles import FAULT_HEADER, FaultyProcessor
 from tollgate.extproc import responses
 from tollgate.extproc.processor import ProcessorContext, RequestProcessor
 from tollgate.extproc.server import ExternalProcessorServicer
@@ -221,3 +222,87 @@ def test_long_user_id_is_truncated() -> None:
     )
     processor.close()
     assert sink.records[0].end_user_id == "u" * 255
+
+
+# -- the phase error boundary (issue 11) ------------------------------------------------------
+
+
+@pytest.fixture
+async def faulty() -> AsyncIterator[tuple[grpc.aio.Channel, ListSink, ExternalProcessorServicer]]:
+    sink = ListSink()
+    context = ProcessorContext(sink=sink, router=Router.single("openai", "http://up"))
+    servicer = ExternalProcessorServicer(lambda: FaultyProcessor(context))
+    server = grpc.aio.server()
+    ep_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as chan:
+        yield chan, sink, servicer
+    await server.stop(0)
+
+
+def faulty_sequence(phase: str) -> list[ep.ProcessingRequest]:
+    request = ep.ProcessingRequest()
+    request.CopyFrom(REQUEST)
+    request.request_headers.headers.headers.add(key=FAULT_HEADER, raw_value=phase.encode())
+    return [
+        request,
+        ep.ProcessingRequest(request_body=ep.HttpBody(body=b'{"model": "m"}', end_of_stream=True)),
+        ep.ProcessingRequest(
+            response_headers=headers((":status", b"200"), ("content-type", b"text/event-stream"))
+        ),
+        ep.ProcessingRequest(
+            response_body=ep.HttpBody(body=b'data: {"model":"m"}\n\n', end_of_stream=True)
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("phase", "answered"),
+    [("request_headers", 0), ("response_headers", 1), ("response_body", 2)],
+)
+async def test_a_raising_handler_fails_closed_and_is_recorded(
+    faulty: tuple[grpc.aio.Channel, ListSink, ExternalProcessorServicer],
+    phase: str,
+    answered: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    chan, sink, servicer = faulty
+    # Without a request body phase (the header identity decided): headers, then the response.
+    sequence = [m for i, m in enumerate(faulty_sequence(phase)) if i != 1]
+    call = ep_grpc.ExternalProcessorStub(chan).Process()
+    for message in sequence[:answered]:
+        await call.write(message)
+        assert isinstance(await call.read(), ep.ProcessingResponse)
+    await call.write(sequence[answered])
+    if phase == "response_body":
+        # Response headers have gone to the client: the stream is aborted, Envoy resets.
+        with pytest.raises(grpc.aio.AioRpcError) as aborted:
+            await call.read()
+        assert aborted.value.code() == grpc.StatusCode.INTERNAL
+    else:
+        last = await call.read()
+        assert isinstance(last, ep.ProcessingResponse)
+        assert last.immediate_response.status.code == 500
+        assert b'"internal_error"' in last.immediate_response.body
+        call.cancel()
+    await asyncio.wait_for(sink.arrived.wait(), 5)
+    await asyncio.sleep(0.05)  # let the stream's end run (close() must not add a row)
+    (record,) = sink.records
+    assert record.outcome == usage_pb2.OUTCOME_INTERNAL_ERROR
+    assert record.end_user_id == "user_7a3f"
+    assert servicer.internal_errors == {phase: 1}
+    assert any(record.request_id in r.getMessage() for r in caplog.records)
+    assert not any("injected fault" in r.getMessage() for r in caplog.records)
+
+    # The servicer keeps serving.
+    sink.records.clear()
+    await exchange(
+        chan,
+        [
+            REQUEST,
+            ep.ProcessingRequest(response_headers=headers((":status", b"200"), end=True)),
+        ],
+    )
+    # processed as usual: a chat completion answered without a body reports no usage
+    assert [r.outcome for r in sink.records] == [usage_pb2.OUTCOME_USAGE_MISSING]

@@ -12,7 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tollgate.extproc.request_body import is_json_content_type, multipart_field, read_json_body
-from tollgate.policy.attribution import parse_attribution, parse_bool
+from tollgate.policy.attribution import (
+    ambiguous_credential,
+    forwardable,
+    holds_gateway_key,
+    parse_attribution,
+    parse_bool,
+)
 from tollgate.policy.identity import (
     Identity,
     IdentityResolver,
@@ -22,6 +28,7 @@ from tollgate.policy.identity import (
     normalise_user_id,
 )
 from tollgate.policy.refusal import PolicyRefusal
+from tollgate.policy.text import safe_text
 
 ALL = ("jwt", "key", "header", "body_user", "body_safety_identifier", "body_metadata_user_id")
 
@@ -40,6 +47,8 @@ ALL = ("jwt", "key", "header", "body_user", "body_safety_identifier", "body_meta
         (b"caf\xc3\xa9", "caf\u00e9"),
         (b"bad\xff\xfebytes", "bad\ufffd\ufffdbytes"),
         ("nul\x00inside", "nul\ufffdinside"),
+        ("a\ud800b", "a\ufffdb"),
+        ("\udfff", "\ufffd"),
     ],
 )
 def test_normalise_user_id(raw: bytes | str, expected: str | None) -> None:
@@ -216,9 +225,13 @@ def test_gateway_key_from_bearer_or_header() -> None:
 def test_enforce_header_values() -> None:
     assert parse_attribution({"x-tollgate-enforce-user-id": b"False"}).enforce_override is False
     assert parse_attribution({}).enforce_override is None
+    # An unusable switch is noted, not raised, so the refusal keeps what else was read.
+    att = parse_attribution({"x-tollgate-enforce-user-id": b"sure", "x-tollgate-tags": b"t"})
+    assert att.tags == ("t",)
     with pytest.raises(PolicyRefusal) as caught:
-        parse_attribution({"x-tollgate-enforce-user-id": b"sure"})
+        att.refuse_if_invalid()
     assert (caught.value.status, caught.value.code) == (400, "invalid_header_value")
+    parse_attribution({"x-tollgate-enforce-user-id": b"true"}).refuse_if_invalid()
     assert parse_bool(b" yes ") is True
     assert parse_bool(b"\xff") is None
 
@@ -293,3 +306,149 @@ def test_multipart_field() -> None:
     assert multipart_field(body, b"application/json", "model") is None
     assert multipart_field(b"garbage", content_type, "model") is None
     assert multipart_field(body, b"multipart/form-data", "model") is None
+
+
+# -- hardening: text, look-alikes, forwards, credentials -----------------------------------------
+
+
+def test_safe_text_replaces_only_what_cannot_be_stored() -> None:
+    plain = "gpt-4o-mini"
+    assert safe_text(plain) is plain
+    assert safe_text("caf\u00e9 \U0001f600") == "caf\u00e9 \U0001f600"
+    assert safe_text("a\ud800b\x00c\udc00") == "a\ufffdb\ufffdc\ufffd"
+    safe_text("x\ud83d").encode("utf-8")  # must not raise
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0xFFFF)))
+def test_safe_text_output_always_encodes(text: str) -> None:
+    out = safe_text(text)
+    out.encode("utf-8")
+    assert "\x00" not in out
+    assert len(out) == len(text)
+
+
+def test_body_user_ids_with_lone_surrogates_are_storable() -> None:
+    found = body_candidates({"user": "a\ud800b", "metadata": {"user_id": "\udc00m"}})
+    assert found == {"body_user": "a\ufffdb", "body_metadata_user_id": "\ufffdm"}
+    assert body_candidates({"user": 10**300})["body_user"] == str(10**300)[:255]
+
+
+def test_look_alike_names_are_stripped_and_never_read() -> None:
+    att = parse_attribution(
+        {
+            "x_tollgate_user_id": b"smuggled",
+            "xproxy_user_id": b"smuggled",
+            "x-tollgate_user-id": b"smuggled",
+            "x_tollgate_key": b"tg_" + b"a" * 43,
+            "x_tollgate_forward_x_api_key": b"sk-extra",
+            "x_tollgate_tags": b"t",
+            "x_request_id": b"kept",
+        }
+    )
+    assert set(att.strip) == {
+        "x_tollgate_user_id",
+        "xproxy_user_id",
+        "x-tollgate_user-id",
+        "x_tollgate_key",
+        "x_tollgate_forward_x_api_key",
+        "x_tollgate_tags",
+    }
+    assert header_candidate({"x_tollgate_user_id": b"smuggled"}) is None
+    assert att.gateway_token is None
+    assert att.tags == ()
+    assert att.forwards == ()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "authorization",
+        "proxy-authorization",
+        "x-api-key",
+        "x_api_key",
+        "api-key",
+        "api_key",
+        "x-goog-api-key",
+        "cookie",
+        "ocp-apim-subscription-key",
+        "x-amz-security-token",
+        "x-amz-date",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "transfer_encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-encoding",
+        "accept-encoding",
+        ":authority",
+        ":path",
+        "x-tollgate-upstream-host",
+        "x-tollgate-upstream-scheme",
+        "x-tollgate-request-id",
+        "x_tollgate_user_id",
+        "xproxy-user-id",
+        "",
+    ],
+)
+def test_forward_prefix_cannot_produce(target: str) -> None:
+    assert not forwardable(target)
+    att = parse_attribution(
+        {f"x-tollgate-forward-{target}": b"v", f"xproxy-forward-{target}": b"v"}
+    )
+    assert att.forwards == ()
+
+
+def test_forward_prefix_passes_application_headers() -> None:
+    assert forwardable("openai-organization")
+    assert forwardable("x-trace-id")
+    assert forwardable("anthropic-beta")
+
+
+@pytest.mark.parametrize(
+    ("value", "held"),
+    [
+        (b"Bearer tg_" + b"A" * 43, True),
+        (b"tg_" + b"A" * 43, True),
+        (b"Bearer sk-own, Bearer tg_" + b"x" * 43, True),
+        (b"/v1/models?key=tg_" + b"x" * 43, True),
+        (b"Bearer tg_abc", False),  # too short to be a key
+        (b"sk-proj-abcdtg_" + b"x" * 43, False),  # inside another token
+        (b"session=1; tg_pref=dark", False),
+        (b"Bearer sk-own", False),
+    ],
+)
+def test_holds_gateway_key(value: bytes, held: bool) -> None:
+    assert holds_gateway_key(value) is held
+
+
+@pytest.mark.parametrize(
+    ("headers", "repeated", "ambiguous"),
+    [
+        ({"authorization": b"Bearer sk-own,Bearer tg_k"}, set(), "authorization"),
+        ({"authorization": b"Bearer a, Bearer a"}, set(), "authorization"),
+        ({"authorization": b"Basic YQ==,Bearer b"}, set(), "authorization"),
+        ({"x-api-key": b"k1"}, {"x-api-key"}, "x-api-key"),
+        ({"x-tollgate-key": b"tg_1"}, {"x-tollgate-key"}, "x-tollgate-key"),
+        ({"api-key": b"k"}, {"api-key"}, "api-key"),
+        ({"x-goog-api-key": b"k"}, {"x-goog-api-key"}, "x-goog-api-key"),
+        ({"authorization": b"Bearer sk-own"}, set(), None),
+        ({"x-trace": b"a"}, {"x-trace"}, None),
+        # SigV4 is one credential with auth-params after its commas.
+        (
+            {
+                "authorization": b"AWS4-HMAC-SHA256 Credential=AKIA/20250101/us-east-1/bedrock/"
+                b"aws4_request, SignedHeaders=host;x-amz-date, Signature=abc123"
+            },
+            set(),
+            None,
+        ),
+    ],
+)
+def test_ambiguous_credentials(
+    headers: dict[str, bytes], repeated: set[str], ambiguous: str | None
+) -> None:
+    assert ambiguous_credential(headers, repeated) == ambiguous

@@ -17,6 +17,8 @@ from tollgate.extproc import responses
 from tollgate.extproc.processor import PolicyConfig, ProcessorContext, RequestProcessor
 from tollgate.policy.identity import JWT_METADATA_NAMESPACE, JWT_PAYLOAD_KEY, IdentityResolver
 from tollgate.policy.keys import GatewayKey
+from tollgate.routing.allowlist import parse_base_uri
+from tollgate.routing.providers import Provider
 from tollgate.routing.router import Router
 from tollgate.v1 import usage_pb2
 
@@ -285,3 +287,312 @@ def test_logging_disabled_request_body_is_neither_read_nor_logged(
         p.response_body(ep.HttpBody(body=b'{"secret": "reply-marker"}', end_of_stream=True))
     assert caplog.text == ""
     assert sink.records[0].logging_disabled
+
+
+# -- hardening (issue 11): text, numbers, credentials, refusals, the error boundary -------------
+
+SURROGATE_JSON = '"a\\ud800b"'  # the JSON escape of a lone surrogate, as a client can send it
+
+
+def request_at(
+    path: bytes, *pairs: tuple[str, bytes], method: bytes = b"POST", end: bool = False
+) -> ep.HttpHeaders:
+    base = [(":method", method), (":path", path)]
+    return ep.HttpHeaders(
+        headers=base_pb2.HeaderMap(
+            headers=[base_pb2.HeaderValue(key=k, raw_value=v) for k, v in [*base, *pairs]]
+        ),
+        end_of_stream=end,
+    )
+
+
+def raw_body(text: str) -> ep.HttpBody:
+    return ep.HttpBody(body=text.encode(), end_of_stream=True)
+
+
+def answer_json(p: RequestProcessor, payload: str, *, streamed: bool = False) -> None:
+    content_type = b"text/event-stream" if streamed else b"application/json"
+    p.response_headers(
+        ep.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[
+                    base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+                    base_pb2.HeaderValue(key="content-type", raw_value=content_type),
+                ]
+            )
+        )
+    )
+    p.response_body(ep.HttpBody(body=payload.encode(), end_of_stream=True))
+
+
+def chat_processor(sink: RecordingSink, **policy: object) -> RequestProcessor:
+    p = processor(sink, **policy)
+    p.request_headers(request_at(b"/v1/chat/completions", JSON))
+    return p
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["json", "sse"])
+def test_lone_surrogates_from_client_and_provider_are_metered(streamed: bool) -> None:
+    sink = RecordingSink()
+    p = chat_processor(sink)
+    stream = "true" if streamed else "false"
+    answer = p.request_body(
+        raw_body(
+            f'{{"model": {SURROGATE_JSON}, "user": {SURROGATE_JSON}, "stream": {stream},'
+            f' "messages": [{{"role": "user", "content": {SURROGATE_JSON}}}]}}'
+        )
+    )
+    assert answer.HasField("request_body")
+    if streamed:
+        # include_usage was injected: the body was re-encoded, the surrogate kept as sent.
+        sent = answer.request_body.response.body_mutation.body
+        assert b"\\ud800" in sent
+        assert json.loads(sent)["stream_options"] == {"include_usage": True}
+        payload = (
+            f'data: {{"model": {SURROGATE_JSON}, "choices": []}}\n\n'
+            'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n\n'
+            "data: [DONE]\n\n"
+        )
+    else:
+        payload = f'{{"model": {SURROGATE_JSON}, "usage": {{"prompt_tokens": 3}}}}'
+    answer_json(p, payload, streamed=streamed)
+    (record,) = sink.records
+    assert record.outcome == usage_pb2.OUTCOME_OK
+    assert (record.end_user_id, record.identity_source) == ("a\ufffdb", "body_user")
+    assert record.model == "a\ufffdb"
+    assert record.input_tokens == 3
+    record.SerializeToString()  # storable as it is
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["json", "sse"])
+def test_token_counts_beyond_int64_are_left_unset_and_flagged(streamed: bool) -> None:
+    sink = RecordingSink()
+    p = chat_processor(sink)
+    p.request_body(body({"model": "m", "stream": streamed, "messages": []}))
+    usage = (
+        '{"prompt_tokens": 1000000000000000000000000, "completion_tokens": 7,'
+        ' "total_tokens": -99999999999999999999}'
+    )
+    if streamed:
+        payload = f'data: {{"choices": [], "usage": {usage}}}\n\ndata: [DONE]\n\n'
+    else:
+        payload = f'{{"model": "m", "usage": {usage}}}'
+    answer_json(p, payload, streamed=streamed)
+    (record,) = sink.records
+    assert record.outcome == usage_pb2.OUTCOME_OK
+    assert not record.HasField("input_tokens")
+    assert not record.HasField("total_tokens")
+    assert record.output_tokens == 7
+    assert list(record.usage_flags) == ["out_of_range_tokens"]
+
+
+def test_an_integer_beyond_any_float_is_not_a_unit() -> None:
+    sink = RecordingSink()
+    p = processor(sink)
+    p.request_headers(request_at(b"/v1/audio/transcriptions", end=True))
+    answer_json(p, '{"text": "hi", "duration": 1' + "0" * 400 + "}")
+    (record,) = sink.records
+    assert dict(record.units) == {}
+    assert list(record.usage_flags) == []  # the parser refused it: nothing left to flag
+
+
+def test_numbers_too_long_to_read_are_invalid_json() -> None:
+    sink = RecordingSink()
+    p = chat_processor(sink)
+    answer = p.request_body(raw_body('{"model": "m", "n": ' + "9" * 5000 + "}"))
+    assert error_of(answer) == (400, "invalid_json")
+
+
+def auth_headers(*pairs: tuple[str, bytes]) -> ep.HttpHeaders:
+    return headers(("x-tollgate-user-id", b"carol"), ("x-tollgate-tags", b"t1"), *pairs)
+
+
+GATEWAY_TOKEN = b"tg_" + b"G" * 43
+
+
+@pytest.mark.parametrize(
+    ("pairs", "param"),
+    [
+        # how Envoy hands ext_proc two authorization headers: one value joined with ","
+        ((("authorization", b"Bearer sk-app-own,Bearer " + GATEWAY_TOKEN),), "authorization"),
+        ((("x-api-key", b"k1"), ("x-api-key", b"k2")), "x-api-key"),
+        ((("x-tollgate-key", GATEWAY_TOKEN), ("x-tollgate-key", b"tg_other")), "x-tollgate-key"),
+        ((("x-api-key", GATEWAY_TOKEN),), "x-api-key"),
+        ((("x-goog-api-key", b"a"), ("x-goog-api-key", b"b")), "x-goog-api-key"),
+        ((("api-key", b"a"), ("api-key", b"b")), "api-key"),
+        ((("x-trace", b"list, Bearer " + GATEWAY_TOKEN),), "x-trace"),
+        ((("x-tollgate-forward-x-custom", GATEWAY_TOKEN),), "x-tollgate-forward-x-custom"),
+        ((("x_api_key", GATEWAY_TOKEN),), "x_api_key"),
+    ],
+)
+def test_ambiguous_or_misplaced_credentials_are_refused(
+    pairs: tuple[tuple[str, bytes], ...], param: str
+) -> None:
+    sink = RecordingSink()
+    keys = FixedKeys({GATEWAY_TOKEN: key("key_g")})
+    answer = processor(sink, keys=keys).request_headers(auth_headers(*pairs))
+    assert error_of(answer) == (400, "ambiguous_credentials")
+    assert json.loads(answer.immediate_response.body)["error"]["param"] == param
+    assert GATEWAY_TOKEN not in answer.immediate_response.body
+    (record,) = sink.records
+    assert (record.outcome, record.block_reason) == (
+        usage_pb2.OUTCOME_BLOCKED,
+        "ambiguous_credentials",
+    )
+    assert (record.end_user_id, record.identity_source, list(record.tags)) == (
+        "carol",
+        "header",
+        ["t1"],
+    )
+
+
+def test_identical_repeats_of_a_credential_are_one_credential() -> None:
+    sink = RecordingSink()
+    keys = FixedKeys({GATEWAY_TOKEN: key("key_g")})
+    answer = processor(sink, keys=keys).request_headers(
+        auth_headers(("x-tollgate-key", GATEWAY_TOKEN), ("x-tollgate-key", GATEWAY_TOKEN))
+    )
+    assert answer.HasField("request_headers")
+
+
+def test_gateway_key_in_the_query_string_is_refused() -> None:
+    sink = RecordingSink()
+    answer = processor(sink).request_headers(
+        request_at(b"/v1/models?key=" + GATEWAY_TOKEN, method=b"GET", end=True)
+    )
+    assert error_of(answer) == (400, "ambiguous_credentials")
+
+
+def test_refusals_keep_the_user_key_and_tags_they_know() -> None:
+    sink = RecordingSink()
+    keys = FixedKeys({b"tg_good": key("key_1")})
+    # an unknown gateway key
+    processor(sink, keys=keys).request_headers(auth_headers(("x-tollgate-key", b"tg_unknown")))
+    # a base URI off the allow-list (none is allowed here)
+    processor(sink, keys=keys).request_headers(
+        auth_headers(("x-tollgate-key", b"tg_good"), ("x-tollgate-base-uri", b"http://evil"))
+    )
+    # an unusable switch
+    processor(sink).request_headers(auth_headers(("x-tollgate-enforce-user-id", b"maybe")))
+    reasons = [r.block_reason for r in sink.records]
+    assert reasons == ["invalid_gateway_key", "base_uri_not_allowed", "invalid_header_value"]
+    for record in sink.records:
+        assert (record.end_user_id, record.identity_source) == ("carol", "header")
+        assert list(record.tags) == ["t1"]
+    assert sink.records[1].key_id == "key_1"
+
+
+def test_refusal_after_the_body_keeps_the_body_user_and_model() -> None:
+    sink = RecordingSink()
+    p = processor(sink, enforce_user_id=True, resolver=IdentityResolver(ALL, strict=True))
+    p.request_headers(headers(JSON))
+    answer = p.request_body(body({"model": "gpt-x", "user": "not ok!"}))
+    assert error_of(answer) == (422, "invalid_user_id")
+    (record,) = sink.records
+    assert (record.end_user_id, record.identity_source, record.model) == (
+        "not ok!",
+        "body_user",
+        "gpt-x",
+    )
+
+
+def test_fail_records_internal_error_once_and_answers_500() -> None:
+    sink = RecordingSink()
+    p = processor(sink)
+    p.request_headers(auth_headers(JSON))
+    answer = p.fail("request_body")
+    assert answer is not None
+    assert error_of(answer) == (500, "internal_error")
+    p.close()
+    (record,) = sink.records
+    assert record.outcome == usage_pb2.OUTCOME_INTERNAL_ERROR
+    assert (record.end_user_id, record.status_code) == ("carol", 500)
+    # a buffered response body is still held by Envoy: answered too
+    sink = RecordingSink()
+    p = chat_processor(sink)
+    p.request_body(body({"model": "m"}))
+    p.response_headers(headers((":status", b"200"), JSON))
+    answer = p.fail("response_body")
+    assert answer is not None
+    assert error_of(answer) == (500, "internal_error")
+    # a streamed one may be under way: no answer, the stream is aborted
+    sink = RecordingSink()
+    p = chat_processor(sink)
+    p.request_body(body({"model": "m", "stream": True}))
+    p.response_headers(headers((":status", b"200"), ("content-type", b"text/event-stream")))
+    assert p.fail("response_body") is None
+    (record,) = sink.records
+    assert record.outcome == usage_pb2.OUTCOME_INTERNAL_ERROR
+
+
+def test_a_record_that_cannot_be_built_is_still_submitted() -> None:
+    class BrokenFill(RequestProcessor):
+        def _fill(self, record, parsed):  # type: ignore[no-untyped-def]
+            record.end_user_id = "partial"
+            raise RuntimeError("boom")
+
+    sink = RecordingSink()
+    p = BrokenFill(ProcessorContext(sink=sink, router=Router.single("openai", "http://up")))
+    p.request_headers(headers(end=True))
+    with pytest.raises(RuntimeError):
+        p.close()
+    assert p.fail("close") is None
+    (record,) = sink.records
+    assert (record.outcome, record.end_user_id) == (usage_pb2.OUTCOME_INTERNAL_ERROR, "partial")
+
+
+def test_forwards_never_add_credentials_next_to_injected_ones() -> None:
+    anthropic = Provider(
+        name="anthropic",
+        base=parse_base_uri("https://api.anthropic.com"),
+        api="anthropic",
+        auth="x-api-key",
+        api_key="sk-ant-injected",
+        headers=(("anthropic-version", "2023-06-01"),),
+    )
+    sink = RecordingSink()
+    injecting = GatewayKey("key_i", "inject", None, None, None, True)
+    p = RequestProcessor(
+        ProcessorContext(
+            sink=sink,
+            router=Router({"anthropic": anthropic}, "anthropic"),
+            keys=FixedKeys({b"tg_k": injecting}),
+        )
+    )
+    forwards = [
+        (f"{prefix}{name}", b"forwarded-" + name.encode())
+        for prefix in ("x-tollgate-forward-", "xproxy-forward-")
+        for name in (
+            "x-api-key",
+            "x_api_key",
+            "api-key",
+            "authorization",
+            "proxy-authorization",
+            "cookie",
+            "anthropic-version",
+            "accept-encoding",
+            "content-encoding",
+            "x-tollgate-request-id",
+            "x-trace",
+        )
+    ]
+    answer = p.request_headers(
+        request_at(
+            b"/v1/messages",
+            ("x-tollgate-key", b"tg_k"),
+            ("x_api_key", b"sk-own-look-alike"),
+            *forwards,
+            end=True,
+        )
+    )
+    mutation = answer.request_headers.response.header_mutation
+    sent = [(h.header.key, h.header.raw_value) for h in mutation.set_headers]
+    names = [name for name, _ in sent]
+    assert dict(sent)["x-api-key"] == b"sk-ant-injected"
+    assert dict(sent)["anthropic-version"] == b"2023-06-01"
+    assert names.count("x-api-key") == 1
+    assert names.count("anthropic-version") == 1
+    assert ("x-trace", b"forwarded-x-trace") in sent
+    assert not [v for _, v in sent if v.startswith(b"forwarded-") and v != b"forwarded-x-trace"]
+    assert "x_api_key" in mutation.remove_headers
+    assert {n for n, _ in forwards} <= set(mutation.remove_headers)

@@ -7,8 +7,10 @@ no I/O and never waits: the sink's ``submit`` only enqueues.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,8 +27,13 @@ from tollgate.extproc.request_body import (
     read_json_body,
 )
 from tollgate.ledger.records import UsageRecord, new_request_id
-from tollgate.policy.attribution import RequestAttribution, parse_attribution
-from tollgate.policy.headers import LIST_HEADERS, REQUEST_ID_HEADER
+from tollgate.policy.attribution import (
+    RequestAttribution,
+    ambiguous_credential,
+    holds_gateway_key,
+    parse_attribution,
+)
+from tollgate.policy.headers import FORWARD_PREFIXES, LIST_HEADERS, REQUEST_ID_HEADER
 from tollgate.policy.identity import (
     JWT_METADATA_NAMESPACE,
     JWT_PAYLOAD_KEY,
@@ -38,6 +45,7 @@ from tollgate.policy.identity import (
 )
 from tollgate.policy.keys import GatewayKey
 from tollgate.policy.refusal import PolicyRefusal
+from tollgate.policy.text import safe_text
 from tollgate.providers import ParsedResponse, UsageParser, parser_for, wants_request_body
 from tollgate.providers.decoding import DecodingParser, decoder_wbits
 from tollgate.providers.sse import SSEEventFilter
@@ -67,6 +75,16 @@ BODY_LOG_BYTES = 4096
 _FORM_MODEL_ENDPOINTS = ("/audio/transcriptions", "/audio/translations")
 # Endpoints whose streams report usage only when asked (`stream_options.include_usage`).
 _INCLUDE_USAGE_ENDPOINTS = ("/chat/completions", "/completions")
+# What a UsageRecord's int64 token fields can hold.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# usage_flags this module sets: a reported value that cannot be stored was left unset.
+FLAG_OUT_OF_RANGE_TOKENS = "out_of_range_tokens"
+FLAG_OUT_OF_RANGE_UNITS = "out_of_range_units"
+# The answer to a request Tollgate failed on while the client has had no response yet.
+_INTERNAL_ERROR_MESSAGE = (
+    "Tollgate failed while processing this request; its operator can find it by the "
+    "x-tollgate-request-id header."
+)
 
 
 def _is_usage_only_chunk(data: bytes) -> bool:
@@ -139,11 +157,12 @@ class ProcessorContext:
     wall_ns: Callable[[], int] = field(default=time.time_ns)
 
 
-def header_map(headers: ep.HttpHeaders) -> dict[str, bytes]:
+def header_map(headers: ep.HttpHeaders, repeated: set[str] | None = None) -> dict[str, bytes]:
     """Header name → value bytes (``raw_value``; values are not always UTF-8).
 
     A repeated list header (tags, limit ids) keeps its values joined with ``,``; for any other
-    repeated header the first value counts.
+    repeated header the first value counts, and its name is added to ``repeated`` when a later
+    value differs from the first.
     """
     out: dict[str, bytes] = {}
     for h in headers.headers.headers:
@@ -153,6 +172,8 @@ def header_map(headers: ep.HttpHeaders) -> dict[str, bytes]:
             out[key] = value
         elif key in LIST_HEADERS:
             out[key] += b"," + value
+        elif repeated is not None and out[key] != value:
+            repeated.add(key)
     return out
 
 
@@ -215,14 +236,20 @@ class RequestProcessor:
                     ("retry-after", b"5"),
                 ],
             )
-        self._headers = headers = header_map(msg)
+        repeated: set[str] = set()
+        self._headers = headers = header_map(msg, repeated)
         self._path = headers.get(":path", b"/").decode("utf-8", "replace")
         self._endpoint = self._path.split("?", 1)[0]
         policy = self._ctx.policy
         router = self._ctx.router
+        # Each step keeps what it learnt before it may refuse, so a refusal's row says who
+        # asked, with which key, tags and use case.
+        self._attribution = att = parse_attribution(headers)
         try:
-            self._attribution = att = parse_attribution(headers)
-            self._candidates = self._header_candidates(headers, metadata)
+            self._header_candidates(headers, metadata)
+            att.refuse_if_invalid()
+            self._check_credentials(headers, repeated)
+            self._lookup_key()
             self._set_route(router.route(self._path, att.base_uri))
         except PolicyRefusal as refusal:
             return self._refuse(refusal)
@@ -241,7 +268,7 @@ class RequestProcessor:
         )
         log_body = body_readable and policy.log_bodies and not att.logging_disabled
         remove = list(att.strip)
-        set_headers = [("accept-encoding", b"identity"), *att.forwards]
+        set_headers = [("accept-encoding", b"identity")]
         if not self._body_decides:
             try:
                 self._decide()
@@ -288,7 +315,12 @@ class RequestProcessor:
                     self._decide()
                 if changed:
                     text = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
-                    body_out = text.encode()
+                    try:
+                        body_out = text.encode()
+                    except UnicodeEncodeError:
+                        # A lone surrogate in the body (a "\ud800" escape): send it on as
+                        # the escape the client wrote (rare, so the compact form comes first).
+                        body_out = json.dumps(document, separators=(",", ":")).encode()
                     # The new body is sent uncompressed, whatever encoding the client used.
                     self._body_decoded = bool(self._content_encoding)
             route_remove, route_set = self._route_mutation()
@@ -306,7 +338,7 @@ class RequestProcessor:
         changed = False
         model = document.get("model")
         if isinstance(model, str) and model:
-            self._request_model = model
+            self._request_model = model = safe_text(model)
             if self._body_routes:
                 changed = self._route_by_model(document, model)
         stream = document.get("stream") is True
@@ -381,6 +413,18 @@ class RequestProcessor:
                 and name not in self._attribution.strip
                 and (credential is None or name != credential[0])
             ]
+            # Look-alikes of credential names (x_api_key) too: many servers read "_" as "-".
+            remove += [
+                name
+                for name in headers
+                if "_" in name and name.replace("_", "-") in CLIENT_AUTH_HEADERS
+            ]
+        # Forwarded headers go now that the route is settled: never one its provider's
+        # headers set (the credential headers were refused when they were read).
+        own = {name for name, _ in provider.headers} if provider is not None else set()
+        set_headers += [
+            (name, value) for name, value in self._attribution.forwards if name not in own
+        ]
         if provider is not None:
             set_headers += [
                 (name, value.encode()) for name, value in provider.headers if name not in headers
@@ -389,30 +433,47 @@ class RequestProcessor:
 
     def _header_candidates(
         self, headers: dict[str, bytes], metadata: base_pb2.Metadata | None
-    ) -> dict[str, str]:
-        """Identity candidates known from the headers (and the JWT Envoy verified).
-
-        Looks the gateway key up, which may refuse the request.
-        """
+    ) -> None:
+        """Identity candidates known from the headers and the JWT Envoy verified."""
         policy = self._ctx.policy
-        candidates: dict[str, str] = {}
-        token = self._attribution.gateway_token
-        if token is not None:
-            self._key = self._ctx.keys.lookup(token)
-            if self._key is None:
-                raise PolicyRefusal.invalid_gateway_key()
-            if self._key.end_user_id:
-                candidates["key"] = self._key.end_user_id
+        uses = policy.resolver.uses
+        candidates = self._candidates
         if metadata is not None and JWT_METADATA_NAMESPACE in metadata.filter_metadata:
             jwt_fields = metadata.filter_metadata[JWT_METADATA_NAMESPACE].fields
             if JWT_PAYLOAD_KEY in jwt_fields:
                 claim = jwt_claim(jwt_fields[JWT_PAYLOAD_KEY].struct_value, policy.jwt_user_claim)
-                if claim is not None:
+                if claim is not None and uses("jwt"):
                     candidates["jwt"] = claim
         header_id = header_candidate(headers)
-        if header_id is not None:
+        if header_id is not None and uses("header"):
             candidates["header"] = header_id
-        return {s: v for s, v in candidates.items() if policy.resolver.uses(s)}
+
+    def _check_credentials(self, headers: dict[str, bytes], repeated: set[str]) -> None:
+        """Refuses a request whose credentials are ambiguous, and any request that would
+        carry a gateway key upstream, wherever it was put (``ambiguous_credentials``)."""
+        name = ambiguous_credential(headers, repeated)
+        if name is not None:
+            raise PolicyRefusal.ambiguous_credentials(name)
+        if b"tg_" not in b"\n".join(headers.values()):
+            return  # one scan in C for the common case; the forwards' values are among these
+        strip = self._attribution.strip
+        for name, value in headers.items():
+            if holds_gateway_key(value) and name not in strip:
+                raise PolicyRefusal.misplaced_gateway_key(name)
+        for name, value in self._attribution.forwards:
+            if holds_gateway_key(value):
+                raise PolicyRefusal.misplaced_gateway_key(FORWARD_PREFIXES[0] + name)
+
+    def _lookup_key(self) -> None:
+        """The gateway key the request names, if any; an unknown one refuses the request."""
+        token = self._attribution.gateway_token
+        if token is None:
+            return
+        self._key = key = self._ctx.keys.lookup(token)
+        if key is None:
+            raise PolicyRefusal.invalid_gateway_key()
+        if key.end_user_id and self._ctx.policy.resolver.uses("key"):
+            self._candidates["key"] = key.end_user_id
 
     def _decide(self) -> None:
         """Settle the end user and enforcement; raises :class:`PolicyRefusal` to refuse."""
@@ -435,9 +496,12 @@ class RequestProcessor:
         return enforce
 
     def _refuse(self, refusal: PolicyRefusal) -> ep.ProcessingResponse:
-        """Answer the client with the refusal's error; the ledger gets a ``blocked`` row."""
+        """Answer the client with the refusal's error; the ledger gets a ``blocked`` row that
+        keeps the best identity candidate known, even one that policy refused."""
         self._status = refusal.status
         self._block_reason = refusal.code
+        if self._identity is None:
+            self._identity = self._ctx.policy.resolver.pick(self._candidates)
         self._finish(usage_pb2.OUTCOME_BLOCKED)
         return responses.immediate_error(
             refusal.status,
@@ -494,21 +558,49 @@ class RequestProcessor:
         sample = self._response_sample
         if sample is not None and len(sample) < BODY_LOG_BYTES:
             sample += msg.body[: BODY_LOG_BYTES - len(sample)]
-        if msg.end_of_stream:
-            self._finish(self._outcome_from_usage())
         if self._filter is None:
-            return responses.continue_response_body()
-        passed = self._filter.feed(msg.body)
+            response = responses.continue_response_body()
+        else:
+            passed = self._filter.feed(msg.body)
+            if msg.end_of_stream:
+                passed += self._filter.flush()
+            response = responses.continue_response_body(body=None if passed == msg.body else passed)
         if msg.end_of_stream:
-            passed += self._filter.flush()
-        if passed == msg.body:
-            return responses.continue_response_body()
-        return responses.continue_response_body(body=passed)
+            # Last, so that a failure in this phase is recorded as Tollgate's (see ``fail``).
+            self._finish(self._outcome_from_usage())
+        return response
 
     def close(self) -> None:
         """The ext_proc stream ended. If the exchange did not complete, the client went away."""
         if not self._finished:
             self._finish(usage_pb2.OUTCOME_CLIENT_ABORTED)
+
+    def fail(self, phase: str) -> ep.ProcessingResponse | None:
+        """A phase handler raised: record the request as Tollgate's own failure (unless its row
+        is already on its way) and say how to fail it closed.
+
+        Returns an immediate 500 ``internal_error`` while the client has had no response
+        headers (request headers, request body, response headers, a buffered response body),
+        or None once a streamed response may be under way: the caller then aborts the gRPC
+        stream and Envoy answers 500 or resets the response (whichever it still can).
+        """
+        immediate = phase in ("request_headers", "request_body", "response_headers") or (
+            phase == "response_body" and not self._streamed
+        )
+        if immediate:
+            self._status = 500
+        if not self._finished:
+            # _finish submits a row even when building it fails, then re-raises.
+            with contextlib.suppress(Exception):
+                self._finish(usage_pb2.OUTCOME_INTERNAL_ERROR)
+        if not immediate:
+            return None
+        return responses.immediate_error(
+            500,
+            "internal_error",
+            _INTERNAL_ERROR_MESSAGE,
+            extra_headers=[(REQUEST_ID_HEADER, self._request_id.encode())],
+        )
 
     # -- outcome and record -----------------------------------------------------------------
 
@@ -530,15 +622,11 @@ class RequestProcessor:
         return usage_pb2.OUTCOME_USAGE_MISSING
 
     def _finish(self, outcome: int) -> None:
+        """Submit the request's one record. If building it fails, what was filled in so far
+        is submitted as ``internal_error`` and the error re-raised (the phase fails closed)."""
         if self._finished:
             return
         self._finished = True
-        parsed = self._parser.result() if self._parser is not None else None
-        if self._response_sample is not None:
-            body_log.info("response %s body: %r", self._request_id, bytes(self._response_sample))
-        self._ctx.sink.submit(self._record(outcome, parsed))
-
-    def _record(self, outcome: int, parsed: ParsedResponse | None) -> UsageRecord:
         now = self._ctx.monotonic_ns()
         record = UsageRecord(
             request_id=self._request_id,
@@ -547,6 +635,22 @@ class RequestProcessor:
             latency_ms=(now - self._started_ns) // 1_000_000,
         )
         record.created_at.FromMicroseconds(self._created_us)
+        try:
+            parsed = self._parser.result() if self._parser is not None else None
+            if self._response_sample is not None:
+                sample = bytes(self._response_sample)
+                body_log.info("response %s body: %r", self._request_id, sample)
+            self._fill(record, parsed)
+        except Exception:
+            record.outcome = usage_pb2.OUTCOME_INTERNAL_ERROR
+            self._ctx.sink.submit(record)
+            raise
+        self._ctx.sink.submit(record)
+
+    def _fill(self, record: UsageRecord, parsed: ParsedResponse | None) -> None:
+        """Everything the request and the response said, into ``record``. Every string here
+        is storable already (made so where it entered); a count or unit that cannot be stored
+        is left unset and flagged in ``usage_flags``."""
         if self._endpoint is not None:
             record.endpoint = self._endpoint
         if self._status is not None:
@@ -580,11 +684,27 @@ class RequestProcessor:
         if model:
             record.model = model
         if parsed is not None:
+            units_dropped = False
             for unit, amount in parsed.units.items():
-                record.units[unit] = amount
+                try:
+                    number = float(amount)
+                except OverflowError:
+                    number = math.inf
+                if math.isfinite(number):
+                    record.units[unit] = number
+                else:
+                    units_dropped = True
             usage = parsed.usage
+            tokens_dropped = False
             for name in TOKEN_FIELDS:
                 value = getattr(usage, name)
-                if value is not None:
+                if value is None:
+                    continue
+                if _INT64_MIN <= value <= _INT64_MAX:
                     setattr(record, name, value)
-        return record
+                else:
+                    tokens_dropped = True
+            if tokens_dropped:
+                record.usage_flags.append(FLAG_OUT_OF_RANGE_TOKENS)
+            if units_dropped:
+                record.usage_flags.append(FLAG_OUT_OF_RANGE_UNITS)

@@ -11,6 +11,7 @@ import zlib
 from typing import Any
 
 from tollgate.policy.refusal import PolicyRefusal
+from tollgate.policy.text import safe_text
 
 __all__ = ["is_json_content_type", "multipart_field", "read_json_body"]
 
@@ -72,6 +73,8 @@ def read_json_body(body: bytes, content_encoding: bytes | None, limit: int) -> d
         ) from None
     except RecursionError:
         raise PolicyRefusal.invalid_json("it is nested too deeply") from None
+    except ValueError:  # an integer literal of more digits than Python converts (4300)
+        raise PolicyRefusal.invalid_json("it holds a number too long to read") from None
     return document if isinstance(document, dict) else {}
 
 
@@ -100,5 +103,5 @@ def multipart_field(body: bytes, content_type: bytes | None, name: str) -> str |
         ]
         if disposition and wanted in disposition[0] and b"filename=" not in disposition[0]:
             text = value.removesuffix(b"\r\n").decode("utf-8", "replace").strip()
-            return text[:255] or None
+            return safe_text(text[:255]) or None
     return None

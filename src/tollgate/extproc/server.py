@@ -2,11 +2,20 @@
 
 It picks a :class:`RequestProcessor` for each stream, hands every ProcessingRequest to the
 handler of its phase and writes back the answer. It does no I/O of its own.
+
+It is also the error boundary of the request path: a handler that raises is logged with the
+request id (the exception's type and where it was raised, never its message, which may quote
+a header or a body), counted in :attr:`ExternalProcessorServicer.internal_errors`, recorded
+as ``internal_error`` by the processor, and failed closed: an immediate 500 while the client
+has no response yet, else the stream is aborted with INTERNAL and Envoy resets the response.
+The servicer goes on serving other streams.
 """
 
 from __future__ import annotations
 
 import logging
+import traceback
+from collections import Counter
 from collections.abc import Callable
 
 import grpc
@@ -26,6 +35,8 @@ class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):  # type: ign
     def __init__(self, new_processor: Callable[[], RequestProcessor]) -> None:
         self._new_processor = new_processor
         self.active_streams = 0
+        # Phase → handlers that raised there (``close`` counts as phase "close").
+        self.internal_errors: Counter[str] = Counter()
 
     async def Process(
         self,
@@ -40,7 +51,18 @@ class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):  # type: ign
                 if request is grpc.aio.EOF:
                     return
                 assert isinstance(request, ep.ProcessingRequest)
-                response = _dispatch(processor, request)
+                phase = request.WhichOneof("request")
+                try:
+                    response = _dispatch(processor, request)
+                except Exception as exc:
+                    self._failed(processor, phase or "none", exc)
+                    response = processor.fail(phase or "none")
+                    if response is None:
+                        await context.abort(
+                            grpc.StatusCode.INTERNAL,
+                            f"tollgate failed on request {processor.request_id}",
+                        )
+                        return
                 if response is None:
                     await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT, "ProcessingRequest without a phase"
@@ -49,7 +71,23 @@ class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):  # type: ign
                 await context.write(response)
         finally:
             self.active_streams -= 1
-            processor.close()
+            try:
+                processor.close()
+            except Exception as exc:
+                # The processor still submitted a row (as internal_error) before raising.
+                self._failed(processor, "close", exc)
+
+    def _failed(self, processor: RequestProcessor, phase: str, exc: Exception) -> None:
+        self.internal_errors[phase] += 1
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+        log.error(
+            "ext_proc %s handler failed for request %s: %s at %s (failed closed)",
+            phase,
+            processor.request_id,
+            type(exc).__name__,
+            where,
+        )
 
 
 def _dispatch(p: RequestProcessor, request: ep.ProcessingRequest) -> ep.ProcessingResponse | None:

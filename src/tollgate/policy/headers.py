@@ -8,11 +8,13 @@ from __future__ import annotations
 
 __all__ = [
     "ATTRIBUTION_HEADERS",
+    "CREDENTIAL_HEADERS",
     "FORWARD_PREFIXES",
     "LIST_HEADERS",
     "REQUEST_ID_HEADER",
     "USER_ID_HEADERS",
     "is_attribution_header",
+    "is_look_alike",
 ]
 
 USER_ID_HEADERS: tuple[str, ...] = ("x-tollgate-user-id", "x-proxyify-user-id", "xproxy-user-id")
@@ -55,7 +57,25 @@ LIST_HEADERS: frozenset[str] = frozenset((*TAGS_HEADERS, *LIMIT_IDS_HEADERS))
 RESERVED_PREFIXES: tuple[str, ...] = ("x-tollgate-", "xproxy-")
 
 
+# Headers that carry a credential (a gateway key or a provider key). Sent more than once with
+# different values, the request is refused (``ambiguous_credentials``): no rule for picking
+# one could be both obvious and safe.
+CREDENTIAL_HEADERS: frozenset[str] = frozenset(
+    ("authorization", "x-api-key", "api-key", "x-goog-api-key", GATEWAY_KEY_HEADER)
+)
+
+
 def is_attribution_header(name: str) -> bool:
     """True for every header Tollgate consumes: the table above, any case of alias, and
     everything in the ``x-tollgate-`` and ``xproxy-`` namespaces (forwards included)."""
     return name in ATTRIBUTION_HEADERS or name.startswith(RESERVED_PREFIXES)
+
+
+def is_look_alike(name: str) -> bool:
+    """True for a name that is one of Tollgate's once ``_`` is read as ``-``
+    (``x_tollgate_user_id``, ``xproxy_user-id``): stripped like the real one, never honoured.
+
+    Many servers treat ``_`` and ``-`` alike in header names (CGI, WSGI); a proxy that filters
+    on the canonical name would let the look-alike through.
+    """
+    return "_" in name and is_attribution_header(name.replace("_", "-"))

@@ -48,8 +48,9 @@ JWT_METADATA_NAMESPACE = "envoy.filters.http.jwt_authn"
 JWT_PAYLOAD_KEY = "jwt_payload"
 
 _STRICT = re.compile(r"[A-Za-z0-9._:@-]+")
-# C0/C1 control characters (NUL cannot even be stored in a Postgres text column).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0/C1 control characters (NUL cannot even be stored in a Postgres text column) and lone
+# surrogates (a JSON body's "\ud800" escape; no UTF-8 encoder accepts them).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,9 @@ class Identity:
 
 
 def normalise_user_id(raw: bytes | str) -> str | None:
-    """Decoded (invalid UTF-8 replaced, never an error), control characters replaced, trimmed,
-    truncated to 255 characters; empty or whitespace-only means absent (None)."""
+    """Decoded (invalid UTF-8 replaced, never an error), control characters and lone
+    surrogates replaced, trimmed, truncated to 255 characters; empty or whitespace-only means
+    absent (None). The result can always be encoded and stored."""
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     text = _CONTROL.sub("\ufffd", text.strip()).strip()
     if not text:
@@ -83,7 +85,7 @@ def _scalar(value: Any) -> str | None:
     if isinstance(value, str):
         return normalise_user_id(value)
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+        return normalise_user_id(str(value))
     return None
 
 
@@ -121,7 +123,7 @@ def jwt_claim(payload: struct_pb2.Struct, claim_path: str) -> str | None:
     if kind == "string_value":
         return normalise_user_id(value.string_value)
     if kind == "number_value" and value.number_value.is_integer():
-        return str(int(value.number_value))
+        return normalise_user_id(str(int(value.number_value)))
     return None
 
 

@@ -4,7 +4,7 @@ Every refusal becomes an OpenAI-shaped error for the client (status, ``code``, m
 ledger row with outcome ``blocked`` and ``block_reason`` = ``code``.
 
     PolicyRefusal(Exception)
-      status 400  invalid_json, invalid_header_value
+      status 400  invalid_json, invalid_header_value, ambiguous_credentials
       status 401  invalid_gateway_key
       status 403  user_id_mismatch, provider_not_allowed, base_uri_not_allowed
       status 413  body_too_large
@@ -74,6 +74,29 @@ class PolicyRefusal(Exception):
             400,
             "invalid_header_value",
             f"Header {header} must be {expected}.",
+            param=header,
+        )
+
+    @classmethod
+    def ambiguous_credentials(cls, header: str) -> PolicyRefusal:
+        """A credential header sent twice with different values, or several credentials in
+        one ``authorization`` value."""
+        return cls(
+            400,
+            "ambiguous_credentials",
+            f"The request carries more than one credential in {header}; send exactly one.",
+            param=header,
+        )
+
+    @classmethod
+    def misplaced_gateway_key(cls, header: str) -> PolicyRefusal:
+        """A gateway key anywhere it would travel upstream (same code as the above: the
+        request's credentials cannot be told apart safely)."""
+        return cls(
+            400,
+            "ambiguous_credentials",
+            f"A gateway key (tg_...) was found in {header}; send it only as "
+            "'authorization: Bearer tg_...' or in x-tollgate-key.",
             param=header,
         )
 

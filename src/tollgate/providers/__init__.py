@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
+from tollgate.policy.text import safe_text
 from tollgate.providers.anthropic_messages import AnthropicMessagesParser
 from tollgate.providers.bedrock import BedrockConverseParser
 from tollgate.providers.gemini import GeminiParser
@@ -77,7 +78,7 @@ def parser_for(
 
 def _with_model(facts: RequestFacts, model: str) -> RequestFacts:
     return RequestFacts(
-        model=facts.model or model,
+        model=facts.model or safe_text(model),  # a path's %00 must not reach the record
         stream=facts.stream,
         input_chars=facts.input_chars,
         image_count=facts.image_count,

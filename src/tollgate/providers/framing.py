@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tollgate.policy.text import safe_text
 from tollgate.providers.sse import SSEDecoder, SSEEvent
 from tollgate.providers.usage import ParsedResponse, RequestFacts, TokenUsage
 
@@ -21,7 +22,8 @@ MAX_JSON_BYTES = 64 * 1024 * 1024
 
 
 def as_int(value: Any) -> int | None:
-    """``value`` if it is an integer (not a bool), else None."""
+    """``value`` if it is an integer (not a bool), else None. Any size: whether it can be
+    stored is the record's concern (a count beyond int64 is left unset and flagged)."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
@@ -88,8 +90,10 @@ class JsonOrSSEParser:
         self.usage = self.usage.merged(usage)
 
     def take_model(self, model: Any) -> None:
+        """The model the provider named (any string field: ``model``, ``modelVersion``),
+        made storable (lone surrogates and NUL replaced)."""
         if isinstance(model, str) and model:
-            self.model = model
+            self.model = safe_text(model)
 
     def result(self) -> ParsedResponse:
         if self._sse is None and self._body:

@@ -34,7 +34,10 @@ def _seconds(value: Any) -> float | None:
     """``value`` as a duration in seconds if it is a finite, non-negative number, else None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer literal beyond any float
+        return None
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
