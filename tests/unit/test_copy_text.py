@@ -67,6 +67,7 @@ def awkward_record(i: int, text: str) -> UsageRecord:
     r.created_at.FromMicroseconds(1_700_000_000_000_000 + i * 1_234_567)
     r.tags.extend([text, "NULL", "a,b", f"t{i}"])
     r.limit_ids.append(f"limit:{text}")
+    r.usage_flags.extend(["cached_exceeds_input", f"flag:{text}"])
     r.units["images"] = 1.5 + i
     r.units["audio_seconds"] = 0.1
     return r
@@ -128,7 +129,9 @@ async def test_unset_fields_are_null_and_empty_arrays_are_empty(url: str) -> Non
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    texts=st.lists(st.text(st.characters(exclude_characters="\x00")), min_size=1, max_size=5),
+    texts=st.lists(
+        st.text(st.characters(codec="utf-8", exclude_characters="\x00")), min_size=1, max_size=5
+    ),
     micros=st.integers(min_value=0, max_value=4_102_444_800_000_000),  # 1970 .. 2100
     tokens=st.one_of(st.none(), st.integers(min_value=0, max_value=2**62)),
 )

@@ -123,6 +123,8 @@ def _row(
             str(r.total_tokens) if has("total_tokens") else _NULL,
             copy_text(json.dumps(dict(r.units), sort_keys=True)) if r.units else _NULL,
             _NULL if cost is None else str(cost),
+            _array(r.usage_flags, arrays),
+            text(r.pricing_error) if has("pricing_error") else _NULL,
             str(r.latency_ms) if has("latency_ms") else _NULL,
             str(r.ttft_ms) if has("ttft_ms") else _NULL,
             _array(r.tags, arrays),

@@ -20,6 +20,7 @@ __all__ = [
     "new_request_id",
     "optional",
     "record_to_row",
+    "usage_flags",
 ]
 
 UsageRecord = usage_pb2.UsageRecord
@@ -55,6 +56,8 @@ COLUMNS: tuple[str, ...] = (
     "total_tokens",
     "units",
     "cost_usd",
+    "usage_flags",
+    "pricing_error",
     "latency_ms",
     "ttft_ms",
     "tags",
@@ -78,6 +81,7 @@ OPTIONAL_SCALARS: tuple[str, ...] = tuple(
         "outcome",
         "units",
         "cost_usd",
+        "usage_flags",
         "tags",
         "limit_ids",
         "logging_disabled",
@@ -111,7 +115,93 @@ def record_to_row(record: usage_pb2.UsageRecord, cost: Decimal | str | None) -> 
     values["outcome"] = OUTCOME_NAMES[record.outcome]
     values["units"] = json.dumps(dict(record.units), sort_keys=True) if record.units else None
     values["cost_usd"] = cost
+    values["usage_flags"] = list(record.usage_flags)
     values["tags"] = list(record.tags)
     values["limit_ids"] = list(record.limit_ids)
     values["logging_disabled"] = record.logging_disabled
     return tuple(values[name] for name in COLUMNS)
+
+
+# --- Usage flags -------------------------------------------------------------------------------
+#
+# Usage is stored as the provider reported it; these flags say where it does not add up, so an
+# operator can find such rows (docs/ledger.md lists every flag). What "input" and "total" mean
+# differs per API family (docs/usage.md): OpenAI-style input includes cached and cache-write
+# tokens and output includes reasoning; Anthropic and Bedrock report input without the cache
+# tokens; Gemini's output excludes the thinking tokens and its total adds them (and tool-use
+# prompt tokens, which are not recorded).
+
+FLAG_NEGATIVE = "negative_tokens"
+FLAG_HUGE = "huge_tokens"
+FLAG_CACHED_EXCEEDS_INPUT = "cached_exceeds_input"
+FLAG_CACHE_WRITE_EXCEEDS_INPUT = "cache_write_exceeds_input"
+FLAG_REASONING_EXCEEDS_OUTPUT = "reasoning_exceeds_output"
+FLAG_TOTAL_MISMATCH = "total_mismatch"
+HUGE_TOKENS = 10**9  # more than any context window or answer a request can have
+
+_TOKEN_FIELDS = (
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+)
+
+
+def _family(record: usage_pb2.UsageRecord) -> str:
+    """Which usage shape the record's numbers follow: the parser family of its endpoint."""
+    endpoint = record.endpoint
+    if endpoint.endswith((":generateContent", ":streamGenerateContent")):
+        return "gemini"
+    if endpoint.endswith("/converse"):
+        return "bedrock"
+    if endpoint.endswith("/messages") or record.provider == "anthropic":
+        return "anthropic"
+    return "openai"
+
+
+def usage_flags(record: usage_pb2.UsageRecord) -> list[str]:
+    """The record's flags (those it carries already and those its usage earns), sorted, once.
+
+    Pure: the record is not changed. Unset counts are never flagged, nor compared.
+    """
+    flags = set(record.usage_flags)
+    counts = {name: optional(record, name) for name in _TOKEN_FIELDS}
+    reported = [v for v in counts.values() if v is not None]
+    if any(v < 0 for v in reported):
+        flags.add(FLAG_NEGATIVE)
+    if any(v > HUGE_TOKENS for v in reported):
+        flags.add(FLAG_HUGE)
+    family = _family(record)
+    inp, out, total = counts["input_tokens"], counts["output_tokens"], counts["total_tokens"]
+    cached, written = counts["cached_input_tokens"], counts["cache_write_tokens"]
+    reasoning = counts["reasoning_tokens"]
+    if inp is not None and family in ("openai", "gemini"):  # input includes the cache tokens
+        if cached is not None and cached > inp:
+            flags.add(FLAG_CACHED_EXCEEDS_INPUT)
+        if written is not None and written > inp:
+            flags.add(FLAG_CACHE_WRITE_EXCEEDS_INPUT)
+    # Gemini's OpenAI-compatible endpoint may count thoughts beside the completion tokens.
+    gemini_compatible = family == "openai" and record.provider == "gemini"
+    openai_output = family == "openai" and not gemini_compatible  # output includes reasoning
+    if openai_output and out is not None and reasoning is not None and reasoning > out:
+        flags.add(FLAG_REASONING_EXCEEDS_OUTPUT)
+    if inp is not None and out is not None and total is not None:
+        plain = inp + out
+        if family == "gemini":
+            # total = prompt + candidates + thoughts + tool-use prompt (not recorded): only a
+            # total below the recorded parts is inconsistent.
+            mismatch = total < plain + (reasoning or 0)
+        elif family == "bedrock":
+            # Bedrock's total counts the cache reads and writes beside input and output.
+            mismatch = total not in (plain, plain + (cached or 0) + (written or 0))
+        elif gemini_compatible:
+            mismatch = total not in (plain, plain + (reasoning or 0))
+        elif family == "anthropic":
+            mismatch = False  # Anthropic reports no total; one from elsewhere is not judged
+        else:
+            mismatch = total != plain
+        if mismatch:
+            flags.add(FLAG_TOTAL_MISMATCH)
+    return sorted(flags)
