@@ -36,6 +36,7 @@ class StackCollector(Collector):
         records.add_metric(["dropped"], stats.dropped)
         records.add_metric(["dead_letter"], stats.dead_letters)
         records.add_metric(["replayed"], stats.replayed)
+        records.add_metric(["skipped"], stats.skipped)
         yield records
         outcomes = CounterMetricFamily(
             "tollgate_requests", "Requests seen by ext_proc, by ledger outcome", labels=["outcome"]
@@ -45,18 +46,34 @@ class StackCollector(Collector):
         yield outcomes
         yield CounterMetricFamily(
             "tollgate_ledger_write_failures",
-            "Failed batch write attempts",
+            "Failed ledger write attempts (each retried with backoff)",
             value=stats.failed_attempts,
         )
         yield CounterMetricFamily(
             "tollgate_unpriced_records",
-            "Records stored with NULL cost (model price unknown)",
+            "Records stored with NULL cost (model price unknown, or usage refused by pricing)",
             value=stats.unpriced,
         )
+        yield CounterMetricFamily(
+            "tollgate_pricing_errors",
+            "Records stored unpriced because their usage could not be priced (pricing_error)",
+            value=stats.pricing_errors,
+        )
+        writer = self._stack.writer
         yield GaugeMetricFamily(
             "tollgate_ledger_queue_depth",
             "Records waiting for the writer",
-            value=self._stack.writer.pending,
+            value=writer.pending,
+        )
+        yield GaugeMetricFamily(
+            "tollgate_ledger_writer_alive",
+            "1 while the ledger writer loop runs, else 0",
+            value=1 if writer.alive else 0,
+        )
+        yield GaugeMetricFamily(
+            "tollgate_ledger_oldest_unshipped_age_seconds",
+            "Age (from its created_at) of the oldest record not yet in Postgres; 0 when none",
+            value=writer.oldest_unshipped_age_s,
         )
         keys = self._stack.keys
         yield GaugeMetricFamily(

@@ -33,15 +33,15 @@ def test_append_read_commit_and_segments(tmp_path: Path) -> None:
     ends = [journal.append(r) for r in written]
     assert ends == sorted(ends)
     assert len(list((tmp_path / "j").glob("*.journal"))) > 3  # rotated
-    got = journal.read(0, 1000)
+    got = journal.read(0, 1000).entries
     assert [e.record.request_id for e in got] == [r.request_id for r in written]
     assert got[-1].end == journal.end_pos
     # Reading resumes exactly where a previous read stopped.
-    first, rest = journal.read(0, 7), journal.read(got[6].end, 1000)
+    first, rest = journal.read(0, 7).entries, journal.read(got[6].end, 1000).entries
     assert [e.record for e in first + rest] == [e.record for e in got]
     journal.commit(got[29].end)
     assert journal.unshipped_bytes == journal.end_pos - got[29].end
-    assert [e.record.request_id for e in journal.read(journal.checkpoint_pos, 100)] == [
+    assert [e.record.request_id for e in journal.read(journal.checkpoint_pos, 100).entries] == [
         r.request_id for r in written[30:]
     ]
     segments = sorted((tmp_path / "j").glob("*.journal"))
@@ -49,7 +49,9 @@ def test_append_read_commit_and_segments(tmp_path: Path) -> None:
     journal.close()
     reopened = Journal(tmp_path / "j", segment_bytes=1000)
     assert reopened.checkpoint_pos == got[29].end
-    assert ids([e.record for e in reopened.read(reopened.checkpoint_pos, 100)]) == ids(written[30:])
+    assert ids([e.record for e in reopened.read(reopened.checkpoint_pos, 100).entries]) == ids(
+        written[30:]
+    )
     reopened.close()
 
 
@@ -63,10 +65,10 @@ def test_torn_tail_is_dropped_and_overwritten(tmp_path: Path) -> None:
     with open(segment, "ab") as f:
         f.write(b"\x90\x03partial")  # a length of 400 and 7 bytes: a crash mid-write
     reopened = Journal(tmp_path / "j")
-    assert [e.record for e in reopened.read(0, 10)] == kept
+    assert [e.record for e in reopened.read(0, 10).entries] == kept
     later = record("after", 2, 2)
     reopened.append(later)
-    assert [e.record for e in reopened.read(0, 10)] == [*kept, later]
+    assert [e.record for e in reopened.read(0, 10).entries] == [*kept, later]
     reopened.close()
 
 

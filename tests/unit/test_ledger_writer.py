@@ -202,7 +202,7 @@ async def test_checkpoint_advances_only_over_batches_committed_in_order(
     records = [record(f"order-{i}", i + 1, 1) for i in range(6)]
     for r in records:
         journal.append(r)
-    start, end = journal.checkpoint_pos, journal.read(0, 6)[-1].end
+    start, end = journal.checkpoint_pos, journal.read(0, 6).end
     release = asyncio.Event()
 
     class FirstBatchHeld(LedgerWriter):

@@ -130,3 +130,30 @@ def test_reprice_command(database_url: str, tmp_path: Path) -> None:
     done = tollgate_cli(database_url, tmp_path, "reprice", "--since", "2026-01-01")
     assert done.returncode == 0, done.stderr
     assert "examined 0 unpriced rows, priced 0" in done.stdout
+
+
+async def test_reprice_clears_pricing_error_only_when_it_prices(pool, database_url: str) -> None:  # noqa: F811
+    writer = make_writer(pool)
+    refused = [record(f"p{i}", 22, 5, model=m) for i, m in enumerate(("gpt-4o-mini", "gpt-4o"))]
+    for r in refused:
+        r.cached_input_tokens = 72  # genai-prices refuses: cached above input
+    await writer.write_batch(refused)
+    since = datetime.now(UTC) - timedelta(days=1)
+    until = datetime.now(UTC) + timedelta(days=1)
+    query = "SELECT model, cost_usd, pricing_error FROM tollgate.requests ORDER BY model"
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        stored = await (await conn.execute(query)).fetchall()
+        assert [(m, c) for m, c, _ in stored] == [("gpt-4o", None), ("gpt-4o-mini", None)]
+        assert all(e.startswith("genai-prices: ") for _, _, e in stored)
+        # Still refused by genai-prices: nothing changes, the reason stays.
+        result = await reprice(conn, PriceBook(), since=since, until=until)
+        assert (result.examined, result.priced) == (2, 0)
+        assert await (await conn.execute(query)).fetchall() == stored
+        # An operator override prices one model: its row gets a cost and loses the reason.
+        book = PriceBook(parse_overrides({"gpt-4o-mini": {"input_per_mtok": 1}}))
+        result = await reprice(conn, book, since=since, until=until)
+        assert result.priced == 1
+        after = await (await conn.execute(query)).fetchall()
+        assert after[0] == stored[0]
+        assert after[1][1] is not None
+        assert after[1][2] is None

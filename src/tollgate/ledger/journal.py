@@ -13,13 +13,17 @@ everything past the checkpoint is read again, so:
 
 Positions are global byte offsets; a segment file is named after the offset of its first
 byte. Segments wholly behind the checkpoint are deleted. A torn record at the end of the last
-segment (a crash mid-write) is ignored and overwritten by the next append.
+segment (a crash mid-write) is ignored and overwritten by the next append. A record whose bytes
+do not decode (disk corruption) is skipped and reported by :meth:`Journal.read`, so that the
+writer's counts stay exact; :meth:`Journal.count_unshipped` counts frames without decoding
+them (it runs at start-up, where a full journal holds millions of records).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import mmap
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -28,7 +32,7 @@ from google.protobuf.message import DecodeError
 
 from tollgate.ledger.records import UsageRecord
 
-__all__ = ["Journal", "JournalEntry"]
+__all__ = ["Journal", "JournalEntry", "JournalRead"]
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +66,43 @@ def _read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int] | None:
     return None
 
 
+def _count_frames(path: Path, pos: int, size: int) -> tuple[int, int]:
+    """Whole frames in ``path`` from ``pos`` up to ``size`` bytes, and the position after
+    them."""
+    count = 0
+    with open(path, "rb") as f:
+        size = min(size, os.fstat(f.fileno()).st_size)
+        if size <= pos:
+            return 0, pos
+        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as data:
+            while True:
+                if pos < size and data[pos] < 0x80:
+                    end = pos + 1 + data[pos]
+                elif pos + 1 < size and data[pos + 1] < 0x80:
+                    end = pos + 2 + ((data[pos] & 0x7F) | (data[pos + 1] << 7))
+                else:
+                    head = _read_varint(data, pos)  # type: ignore[arg-type]
+                    if head is None:
+                        break
+                    end = head[1] + head[0]
+                if end > size:
+                    break
+                count += 1
+                pos = end
+    return count, pos
+
+
 class JournalEntry(NamedTuple):
     record: UsageRecord
     end: int  # position just after this record
+
+
+class JournalRead(NamedTuple):
+    """What one :meth:`Journal.read` found."""
+
+    entries: list[JournalEntry]
+    skipped: int  # undecodable records passed over (each counted by count_unshipped)
+    end: int  # position after the last record read or skipped (``start`` if none)
 
 
 class Journal:
@@ -92,7 +130,7 @@ class Journal:
         self._fd = os.open(self._write_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._dirty = False
 
-    # -- writing (request path: one write syscall, no fsync) ------------------------------------
+    # -- writing (request path: one write syscall as a rule, no fsync) -----------------------------
 
     def append(self, record: UsageRecord) -> int:
         """Write one record; returns the position after it."""
@@ -100,7 +138,19 @@ class Journal:
         frame = _varint(len(payload)) + payload
         if self.end_pos - self._write_start + len(frame) > self._segment_bytes:
             self._rotate()
-        os.write(self._fd, frame)
+        view = memoryview(frame)
+        try:
+            while view:
+                try:
+                    written = os.write(self._fd, view)
+                except InterruptedError:
+                    continue
+                view = view[written:]
+        except OSError:
+            # A frame cut short (disk full) would misalign every later record: cut it off.
+            if len(view) < len(frame):
+                os.ftruncate(self._fd, self.end_pos - self._write_start)
+            raise
         self.end_pos += len(frame)
         self._dirty = True
         return self.end_pos
@@ -129,12 +179,16 @@ class Journal:
 
     # -- reading and checkpoints (the writer) ---------------------------------------------------
 
-    def read(self, start: int, max_records: int) -> list[JournalEntry]:
-        """Up to ``max_records`` complete records from position ``start`` on."""
+    def read(self, start: int, max_records: int) -> JournalRead:
+        """Up to ``max_records`` complete records from position ``start`` on, and how many
+        undecodable ones were passed over on the way."""
         entries: list[JournalEntry] = []
+        skipped = [0]
+        end = start
         segments = self._segments()
         for index, seg_start in enumerate(segments):
-            seg_end = segments[index + 1] if index + 1 < len(segments) else self.end_pos
+            last = index + 1 == len(segments)
+            seg_end = self.end_pos if last else segments[index + 1]
             if seg_end <= start or len(entries) >= max_records:
                 continue
             pos = max(start - seg_start, 0)
@@ -142,23 +196,35 @@ class Journal:
                 while len(entries) < max_records:
                     f.seek(pos)
                     data = f.read(_READ_BYTES)
-                    taken = self._parse(data, seg_start + pos, max_records - len(entries), entries)
+                    limit = max_records - len(entries)
+                    taken = self._parse(data, seg_start + pos, limit, entries, skipped)
                     if taken == 0:
                         head = _read_varint(data, 0)
                         if head is None or len(data) >= head[0] + head[1]:
                             break  # end of what is written (or a torn tail)
                         # One record longer than a read: read exactly it.
                         f.seek(pos)
-                        taken = self._parse(f.read(head[0] + head[1]), seg_start + pos, 1, entries)
+                        whole = f.read(head[0] + head[1])
+                        taken = self._parse(whole, seg_start + pos, 1, entries, skipped)
                         if taken == 0:
                             break
                     pos += taken
-            start = seg_start + pos
-        return entries
+                    end = seg_start + pos
+            if not last and seg_start + pos < seg_end and len(entries) < max_records:
+                # A closed segment whose rest does not frame (a corrupt length): one skipped
+                # record, as count_unshipped counts it.
+                log.error("journal: unreadable bytes at %d..%d skipped", seg_start + pos, seg_end)
+                skipped[0] += 1
+                end = seg_end
+            start = max(start, end)
+        return JournalRead(entries, skipped[0], end)
 
     @staticmethod
-    def _parse(data: bytes, base: int, limit: int, entries: list[JournalEntry]) -> int:
-        """Append up to ``limit`` whole records found in ``data``; bytes consumed."""
+    def _parse(
+        data: bytes, base: int, limit: int, entries: list[JournalEntry], skipped: list[int]
+    ) -> int:
+        """Append up to ``limit`` whole records found in ``data`` (counting undecodable ones in
+        ``skipped[0]``); bytes consumed."""
         pos = 0
         size = len(data)
         while limit > 0:
@@ -180,6 +246,7 @@ class Journal:
                 record.ParseFromString(data[body:end])
             except DecodeError:
                 log.error("journal: undecodable record at %d skipped", base + pos)
+                skipped[0] += 1
             else:
                 entries.append(JournalEntry(record, base + end))
                 limit -= 1
@@ -187,11 +254,20 @@ class Journal:
         return pos
 
     def count_unshipped(self) -> int:
-        """How many whole records lie past the checkpoint (read once, at start-up)."""
-        count, position = 0, self.checkpoint_pos
-        while entries := self.read(position, 10_000):
-            count += len(entries)
-            position = entries[-1].end
+        """How many records lie past the checkpoint, decodable or not (at start-up): frames
+        are counted by their lengths, without decoding them."""
+        count = 0
+        segments = self._segments()
+        for index, seg_start in enumerate(segments):
+            last = index + 1 == len(segments)
+            seg_end = self.end_pos if last else segments[index + 1]
+            if seg_end <= self.checkpoint_pos:
+                continue
+            pos = max(self.checkpoint_pos - seg_start, 0)
+            frames, pos = _count_frames(self._path(seg_start), pos, seg_end - seg_start)
+            count += frames
+            if not last and seg_start + pos < seg_end:
+                count += 1  # an unframeable rest: read() skips it as one record
         return count
 
     def commit(self, position: int) -> None:

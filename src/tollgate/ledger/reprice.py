@@ -1,7 +1,9 @@
 """`tollgate reprice`: fills in the cost of requests recorded while their price was unknown.
 
 Rows with ``cost_usd IS NULL`` (not blocked, with usage) in a time range are priced again with
-the current price book (genai-prices plus operator overrides). Each batch updates the rows and
+the current price book (genai-prices plus operator overrides), including those whose usage the
+price library refused (``pricing_error`` set by the writer): a row priced now has its
+``pricing_error`` cleared, one that still cannot be priced keeps it. Each batch updates the rows and
 the ``daily_usage`` rollup in one transaction, and only rows still NULL are touched, so a
 repeated or concurrent run never counts a cost twice.
 """
@@ -21,6 +23,7 @@ from tollgate.pricing import PriceBook
 __all__ = ["RepriceResult", "reprice"]
 
 _BATCH = 1000
+_MAX_COST = Decimal(10) ** 10
 
 
 @dataclass
@@ -58,7 +61,7 @@ LIMIT %(limit)s
 # Only rows still unpriced are updated; the rollup gets exactly what the update set.
 _APPLY = """
 WITH priced AS (
-    UPDATE tollgate.requests AS r SET cost_usd = v.cost
+    UPDATE tollgate.requests AS r SET cost_usd = v.cost, pricing_error = NULL
     FROM (SELECT unnest(%(ids)s::uuid[]) AS request_id,
                  unnest(%(ats)s::timestamptz[]) AS created_at,
                  unnest(%(costs)s::numeric[]) AS cost) AS v
@@ -109,17 +112,20 @@ async def reprice(
         after_at, after_id = rows[-1].created_at, rows[-1].request_id
         ids, ats, costs = [], [], []
         for row in rows:
-            cost = prices.cost(
-                row.provider,
-                row.model,
-                input_tokens=row.input_tokens,
-                output_tokens=row.output_tokens,
-                cached_input_tokens=row.cached_input_tokens,
-                cache_write_tokens=row.cache_write_tokens,
-                reasoning_tokens=row.reasoning_tokens,
-                units=row.units or {},
-            )
-            if cost is not None:
+            try:
+                cost = prices.cost(
+                    row.provider,
+                    row.model,
+                    input_tokens=row.input_tokens,
+                    output_tokens=row.output_tokens,
+                    cached_input_tokens=row.cached_input_tokens,
+                    cache_write_tokens=row.cache_write_tokens,
+                    reasoning_tokens=row.reasoning_tokens,
+                    units=row.units or {},
+                )
+            except (ValueError, TypeError, ArithmeticError):  # genai-prices refuses the usage
+                continue  # still refused: the row keeps its pricing_error
+            if cost is not None and abs(cost) < _MAX_COST:  # cost_usd is numeric(20, 10)
                 ids.append(row.request_id)
                 ats.append(row.created_at)
                 costs.append(cost)
