@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 import betterproto2
 import yaml
+from envoy_data_plane.envoy.config.accesslog.v3 import AccessLogFilter, ExtensionFilter
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.cluster.v3 import (
     Cluster,
@@ -55,10 +56,12 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HttpUri,
     Pipe,
     SocketAddress,
+    SubstitutionFormatString,
     TransportSocket,
     TypedExtensionConfig,
     UpstreamHttpProtocolOptions,
 )
+from envoy_data_plane.envoy.config.core.v3 import HttpProtocolOptions as CommonHttpProtocolOptions
 from envoy_data_plane.envoy.config.endpoint.v3 import (
     ClusterLoadAssignment,
     Endpoint,
@@ -75,6 +78,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     RouteMatch,
     VirtualHost,
 )
+from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import ExpressionFilter
 from envoy_data_plane.envoy.extensions.clusters.dynamic_forward_proxy.v3 import (
     ClusterConfig as ForwardProxyClusterConfig,
 )
@@ -87,6 +91,8 @@ from envoy_data_plane.envoy.extensions.filters.http.dynamic_forward_proxy.v3 imp
 )
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
+    ExtProcOverrides,
+    ExtProcPerRoute,
     MetadataOptions,
     MetadataOptionsMetadataNamespaces,
     ProcessingMode,
@@ -107,7 +113,10 @@ from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
     HttpConnectionManagerCodecType,
+    HttpConnectionManagerPathWithEscapedSlashesAction,
     HttpFilter,
+    LocalReplyConfig,
+    ResponseMapper,
 )
 from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     HeaderMutation as EarlyHeaderMutation,
@@ -129,6 +138,13 @@ from envoy_data_plane.google.protobuf import Any as AnyProto
 from envoy_data_plane.google.protobuf import Empty
 
 from tollgate.config import Settings
+from tollgate.extproc.edge_limits import (
+    CLIENT_MAX_HEADERS_COUNT,
+    CLIENT_MAX_HEADERS_KB,
+    ENVOY_ERROR_HEADER,
+    MUTATION_HEADROOM_COUNT,
+    MUTATION_HEADROOM_KB,
+)
 from tollgate.policy.identity import JWT_METADATA_NAMESPACE, JWT_PAYLOAD_KEY
 from tollgate.routing.envoy_headers import UPSTREAM_HOST_HEADER, UPSTREAM_SCHEME_HEADER
 
@@ -168,6 +184,39 @@ NOT_ROUTED_BODY = json.dumps(
         }
     },
     separators=(",", ":"),
+)
+
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+#: A second ext_proc filter that only reports Envoy's own answers to requests Tollgate's
+#: ext_proc never saw (see :func:`_local_reply_observer`).
+LOCAL_REPLY_OBSERVER_FILTER = "tollgate.local_reply_observer"
+
+#: Envoy's own local replies, by ``%RESPONSE_CODE_DETAILS%``: (status, CEL condition on the
+#: details, code, message). Tollgate's own ImmediateResponses carry its error code as details
+#: and keep their body.
+ENVOY_LOCAL_REPLIES: tuple[tuple[int, str, str, str], ...] = (
+    (426, "== 'low_version'", "upgrade_required", "HTTP/1.1 or later is required."),
+    (
+        431,
+        ".startsWith('http1.') || response.code_details.startsWith('http2.')",
+        "headers_too_large",
+        f"The request headers exceed {CLIENT_MAX_HEADERS_COUNT} headers or "
+        f"{CLIENT_MAX_HEADERS_KB} KiB.",
+    ),
+    (413, "== 'request_payload_too_large'", "body_too_large", "The request body is too large."),
+    (
+        400,
+        "== 'path_normalization_failed'",
+        "invalid_path",
+        "Invalid request path: encoded slashes or backslashes, or a path that cannot be "
+        "normalised.",
+    ),
+    (
+        400,
+        ".startsWith('http1.') || response.code_details.startsWith('http2.')",
+        "bad_request",
+        "The request is not valid HTTP (invalid characters or framing).",
+    ),
 )
 
 #: Provider for ``<jwt_header>: Bearer <token>``.
@@ -438,20 +487,33 @@ def _jwt_filter(settings: Settings) -> HttpFilter:
     return HttpFilter(name="envoy.filters.http.jwt_authn", typed_config=AnyProto.pack(config))
 
 
+def _processing_mode(*, request_headers: bool, response_headers: bool) -> ProcessingMode:
+    send, skip = ProcessingModeHeaderSendMode.SEND, ProcessingModeHeaderSendMode.SKIP
+    return ProcessingMode(
+        request_header_mode=send if request_headers else skip,
+        response_header_mode=send if response_headers else skip,
+        request_body_mode=ProcessingModeBodySendMode.NONE,
+        response_body_mode=ProcessingModeBodySendMode.NONE,
+        request_trailer_mode=skip,
+        response_trailer_mode=skip,
+    )
+
+
 def _ext_proc_filter(settings: Settings) -> HttpFilter:
+    """Tollgate's ext_proc: every request's headers; responses only of requests it saw.
+
+    Response headers are skipped by default and asked for by the virtual host's per-route
+    config (:func:`_ext_proc_per_route`), which Envoy merges when the request headers reach
+    the filter. A local reply to a request the filter never saw (an HTTP/1.0 request, headers
+    or a path the codec refuses) would otherwise be held for ext_proc while Envoy closes the
+    connection: the client got an empty reply.
+    """
     ext_proc = ExternalProcessor(
         grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=EXTPROC_CLUSTER)),
         # Fail closed: if Tollgate cannot be reached or does not answer, the request fails.
         failure_mode_allow=False,
         message_timeout=_seconds(settings.extproc_message_timeout_ms / 1000),
-        processing_mode=ProcessingMode(
-            request_header_mode=ProcessingModeHeaderSendMode.SEND,
-            response_header_mode=ProcessingModeHeaderSendMode.SEND,
-            request_body_mode=ProcessingModeBodySendMode.NONE,
-            response_body_mode=ProcessingModeBodySendMode.NONE,
-            request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
-            response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
-        ),
+        processing_mode=_processing_mode(request_headers=True, response_headers=False),
         # Tollgate asks for bodies per request (SSE streamed, JSON buffered).
         allow_mode_override=True,
     )
@@ -462,7 +524,81 @@ def _ext_proc_filter(settings: Settings) -> HttpFilter:
                 untyped=[JWT_METADATA_NAMESPACE]
             )
         )
-    return HttpFilter(name="envoy.filters.http.ext_proc", typed_config=AnyProto.pack(ext_proc))
+    return HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyProto.pack(ext_proc))
+
+
+def _local_reply_observer(settings: Settings) -> HttpFilter:
+    """ext_proc in observability mode that reports Envoy's answers to requests it never saw.
+
+    It sits before Tollgate's ext_proc and is disabled on the virtual host, so it only runs
+    for requests that never got that far: refused by jwt_authn, or answered by Envoy before
+    any filter (HTTP/1.0, headers the codec refuses, an encoded slash). Envoy sends it the
+    response headers without waiting for an answer (the reply goes out at once), and
+    Tollgate records the request as ``blocked``. It never fails a request.
+    """
+    ext_proc = ExternalProcessor(
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=EXTPROC_CLUSTER)),
+        failure_mode_allow=True,
+        observability_mode=True,
+        message_timeout=_seconds(settings.extproc_message_timeout_ms / 1000),
+        processing_mode=_processing_mode(request_headers=False, response_headers=True),
+    )
+    return HttpFilter(name=LOCAL_REPLY_OBSERVER_FILTER, typed_config=AnyProto.pack(ext_proc))
+
+
+def _ext_proc_per_route() -> dict[str, AnyProto]:
+    """On every route: Tollgate's ext_proc sees responses, the observer is off."""
+    return {
+        EXT_PROC_FILTER: AnyProto.pack(
+            ExtProcPerRoute(
+                overrides=ExtProcOverrides(
+                    processing_mode=_processing_mode(request_headers=True, response_headers=True)
+                )
+            )
+        ),
+        LOCAL_REPLY_OBSERVER_FILTER: AnyProto.pack(ExtProcPerRoute(disabled=True)),
+    }
+
+
+def _local_reply_config() -> LocalReplyConfig:
+    """OpenAI-style JSON bodies for Envoy's own local replies, naming their error code.
+
+    Each also carries :data:`ENVOY_ERROR_HEADER` with its code, which is what Tollgate
+    records as the ``block_reason``.
+    """
+    mappers = []
+    for status, details, code, message in ENVOY_LOCAL_REPLIES:
+        expression = f"response.code == {status} && (response.code_details {details})"
+        body = {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "code": code,
+                "param": None,
+            }
+        }
+        mappers.append(
+            ResponseMapper(
+                filter=AccessLogFilter(
+                    extension_filter=ExtensionFilter(
+                        name="envoy.access_loggers.extension_filters.cel",
+                        typed_config=AnyProto.pack(ExpressionFilter(expression=expression)),
+                    )
+                ),
+                body=DataSource(inline_string=json.dumps(body, separators=(",", ":"))),
+                body_format_override=SubstitutionFormatString(
+                    text_format_source=DataSource(inline_string="%LOCAL_REPLY_BODY%"),
+                    content_type="application/json",
+                ),
+                headers_to_add=[
+                    HeaderValueOption(
+                        header=HeaderValue(key=ENVOY_ERROR_HEADER, value=code),
+                        append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+                    )
+                ],
+            )
+        )
+    return LocalReplyConfig(mappers=mappers)
 
 
 def _strip_routing_headers() -> TypedExtensionConfig:
@@ -503,6 +639,8 @@ def _forward_route(cluster: str, timeout: datetime.timedelta, *scheme: HeaderMat
         route=RouteAction(cluster=cluster, timeout=timeout),
         typed_per_filter_config={FORWARD_PROXY_FILTER: AnyProto.pack(per_route)},
         request_headers_to_remove=[UPSTREAM_HOST_HEADER, UPSTREAM_SCHEME_HEADER],
+        # Only Envoy's own local replies may name an Envoy error.
+        response_headers_to_remove=[ENVOY_ERROR_HEADER],
     )
 
 
@@ -538,12 +676,35 @@ def _connection_manager(settings: Settings) -> HttpConnectionManager:
         # Streams may be silent for minutes while a model thinks.
         stream_idle_timeout=timeout,
         early_header_mutation_extensions=[_strip_routing_headers()],
+        # Paths reach Tollgate resolved ("/a/../b" is "/b", "//" is "/"); an encoded slash or
+        # backslash is refused (400 invalid_path). Tollgate checks again before joining a
+        # path to a base URI's prefix.
+        normalize_path=True,
+        merge_slashes=True,
+        path_with_escaped_slashes_action=(
+            HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST
+        ),
+        # Room for Tollgate's header edits: it holds clients to the standard limits itself
+        # (431 headers_too_large), and Envoy checks the edited request against these.
+        max_request_headers_kb=CLIENT_MAX_HEADERS_KB + MUTATION_HEADROOM_KB,
+        common_http_protocol_options=CommonHttpProtocolOptions(
+            max_headers_count=CLIENT_MAX_HEADERS_COUNT + MUTATION_HEADROOM_COUNT
+        ),
+        local_reply_config=_local_reply_config(),
         route_config=RouteConfiguration(
             name="tollgate",
-            virtual_hosts=[VirtualHost(name="upstream", domains=["*"], routes=_routes(settings))],
+            virtual_hosts=[
+                VirtualHost(
+                    name="upstream",
+                    domains=["*"],
+                    routes=_routes(settings),
+                    typed_per_filter_config=_ext_proc_per_route(),
+                )
+            ],
         ),
         http_filters=[
             *([_jwt_filter(settings)] if settings.jwt_issuer else []),
+            _local_reply_observer(settings),
             _ext_proc_filter(settings),
             _forward_proxy_filter(),
             HttpFilter(name="envoy.filters.http.router", typed_config=AnyProto.pack(Router())),

@@ -10,6 +10,8 @@ from tollgate.routing.allowlist import (
     BaseUri,
     BaseUriAllowList,
     InvalidBaseUri,
+    InvalidRequestPath,
+    check_request_path,
     parse_base_uri,
 )
 
@@ -280,6 +282,84 @@ def test_join(base: str, request_path: str, joined: str) -> None:
 def test_join_needs_absolute_request_path() -> None:
     with pytest.raises(ValueError, match="must start with '/'"):
         parse_base_uri("https://example.com/openai").join("v1/models")
+
+
+# Paths that a server behind a base URI could resolve to somewhere outside its prefix.
+ESCAPING_PATHS = [
+    "/../team-b/v1/chat/completions",
+    "/v1/../../team-b/v1/chat/completions",
+    "/./v1/chat/completions",
+    "/v1/..",
+    "/v1/.",
+    "/..",
+    "/%2e%2e/team-b",
+    "/%2E%2e/team-b",
+    "/v1/%2e/models",
+    "/v1%2fmodels",
+    "/v1%2Fmodels",
+    "/v1%5cmodels",
+    "/v1%5C..%5Cteam-b",
+    "/%252e%252e/team-b",
+    "/%25252E%25252e/team-b",
+    "/v1%252fmodels",
+    "/v1%255Cmodels",
+    "/v1\\..\\team-b",
+    "/v1\\models",
+    "/v1/mo\x00dels",
+    "/v1/mo\x01dels",
+    "/v1/mo\x7fdels",
+    "/v1/mo dels",
+    "/v1/models\r\nx-injected: 1",
+    "/v1/models?q=\n",
+    "v1/models",
+    "*",
+    "",
+]
+
+
+@pytest.mark.parametrize("request_path", ESCAPING_PATHS)
+def test_request_paths_that_could_escape_the_prefix_are_refused(request_path: str) -> None:
+    with pytest.raises(InvalidRequestPath):
+        check_request_path(request_path)
+    with pytest.raises(InvalidRequestPath):
+        parse_base_uri("http://host/team-a").join(request_path)
+
+
+@pytest.mark.parametrize(
+    "request_path",
+    [
+        "/v1/chat/completions",
+        "/v1/models/gpt-4o.mini",  # a dot inside a segment is fine
+        "/v1/files/...x",
+        "/v1//models",  # empty segments stay below the prefix
+        "/v1/models?after=../x&q=%2e%2F",  # the query is not a path
+        "/v1/items/a%20b%41",  # other percent-encodings pass
+        "/",
+    ],
+)
+def test_request_paths_below_the_prefix_pass(request_path: str) -> None:
+    check_request_path(request_path)
+    assert parse_base_uri("http://host/team-a").join(request_path) == "/team-a" + request_path
+
+
+@given(
+    st.lists(st.sampled_from(["v1", ".", "..", "%2e", "%2E%2e", "a", "%252e", "\\"]), max_size=6)
+)
+def test_a_joined_path_that_passes_never_resolves_outside_the_prefix(segments: list[str]) -> None:
+    request_path = "/" + "/".join(segments)
+    try:
+        joined = parse_base_uri("http://host/team-a").join(request_path)
+    except InvalidRequestPath:
+        return
+    # What a server resolving dot segments (RFC 3986 5.2.4, after decoding) would serve.
+    resolved: list[str] = []
+    for segment in joined.replace("%2e", ".").replace("%2E", ".").split("/")[1:]:
+        if segment == "..":
+            if resolved:
+                resolved.pop()
+        elif segment != ".":
+            resolved.append(segment)
+    assert resolved[:1] == ["team-a"]
 
 
 def test_root_entry_allows_any_path_on_its_origin() -> None:

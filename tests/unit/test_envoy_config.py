@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from tests.jwt_support import make_signing_key
 from tests.tls_support import make_ca
+from tests.unit.doubles import RecordingSink
 from tollgate.config import load_settings
 from tollgate.envoyconf import (
     JWT_METADATA_NAMESPACE,
@@ -22,7 +24,21 @@ from tollgate.envoyconf import (
     UPSTREAM_SCHEME_HEADER,
     render_yaml,
 )
+from tollgate.extproc.edge_limits import (
+    CLIENT_MAX_HEADERS_COUNT,
+    CLIENT_MAX_HEADERS_KB,
+    ENVOY_ERROR_CODES,
+    ENVOY_ERROR_HEADER,
+    MUTATION_HEADROOM_COUNT,
+    MUTATION_HEADROOM_KB,
+    check_client_headers,
+    check_content_length,
+)
+from tollgate.extproc.processor import ProcessorContext, RequestProcessor
 from tollgate.localstack import envoy_binary
+from tollgate.policy.refusal import PolicyRefusal
+from tollgate.routing.router import Router
+from tollgate.v1 import usage_pb2
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -78,10 +94,82 @@ def test_ext_proc_fails_closed_and_lets_tollgate_pick_body_modes() -> None:
     assert ext["message_timeout"] == "5s"
     names = [f["name"] for f in connection_manager(doc)["http_filters"]]
     assert names == [
+        "tollgate.local_reply_observer",
         "envoy.filters.http.ext_proc",
         "envoy.filters.http.dynamic_forward_proxy",
         "envoy.filters.http.router",
     ]
+
+
+def filter_config(doc: dict, name: str) -> dict:
+    (found,) = [f for f in connection_manager(doc)["http_filters"] if f["name"] == name]
+    return found["typed_config"]
+
+
+def test_ext_proc_sees_responses_only_of_requests_it_saw() -> None:
+    doc = default_doc()
+    # The filter's own default skips response headers, so a local reply to a request it
+    # never saw is not held for it; the virtual host's per-route config asks for them.
+    assert ext_proc_filter(doc)["processing_mode"]["response_header_mode"] == "SKIP"
+    assert ext_proc_filter(doc)["processing_mode"]["request_header_mode"] == "SEND"
+    (vhost,) = connection_manager(doc)["route_config"]["virtual_hosts"]
+    per_route = vhost["typed_per_filter_config"]
+    main = per_route["envoy.filters.http.ext_proc"]["overrides"]["processing_mode"]
+    assert (main["request_header_mode"], main["response_header_mode"]) == ("SEND", "SEND")
+    assert per_route["tollgate.local_reply_observer"]["disabled"] is True
+
+
+def test_local_reply_observer_never_holds_or_fails_a_request() -> None:
+    observer = filter_config(default_doc(), "tollgate.local_reply_observer")
+    assert observer["observability_mode"] is True
+    assert observer["failure_mode_allow"] is True
+    mode = observer["processing_mode"]
+    assert (mode["request_header_mode"], mode["response_header_mode"]) == ("SKIP", "SEND")
+    assert observer["grpc_service"] == ext_proc_filter(default_doc())["grpc_service"]
+
+
+def test_local_replies_get_openai_json_and_name_their_error() -> None:
+    mappers = connection_manager(default_doc())["local_reply_config"]["mappers"]
+    seen = {}
+    for mapper in mappers:
+        body = json.loads(mapper["body"]["inline_string"])
+        (header,) = mapper["headers_to_add"]
+        assert header["header"] == {"key": ENVOY_ERROR_HEADER, "value": body["error"]["code"]}
+        assert body["error"]["code"] in ENVOY_ERROR_CODES
+        assert mapper["body_format_override"]["content_type"] == "application/json"
+        expression = mapper["filter"]["extension_filter"]["typed_config"]["expression"]
+        seen[body["error"]["code"]] = expression
+    assert set(seen) == ENVOY_ERROR_CODES
+    assert seen["upgrade_required"].startswith("response.code == 426 &&")
+    assert "'request_payload_too_large'" in seen["body_too_large"]
+    assert "'path_normalization_failed'" in seen["invalid_path"]
+    # Tollgate's own answers (details = its error code) are left as they are.
+    for expression in seen.values():
+        assert "response.code_details" in expression
+
+
+def test_paths_are_normalised_and_encoded_slashes_refused() -> None:
+    hcm = connection_manager(default_doc())
+    assert hcm["normalize_path"] is True
+    assert hcm["merge_slashes"] is True
+    assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+
+
+def test_header_limits_leave_room_for_tollgate_edits() -> None:
+    hcm = connection_manager(default_doc())
+    assert hcm["max_request_headers_kb"] == CLIENT_MAX_HEADERS_KB + MUTATION_HEADROOM_KB
+    assert (
+        hcm["common_http_protocol_options"]["max_headers_count"]
+        == CLIENT_MAX_HEADERS_COUNT + MUTATION_HEADROOM_COUNT
+    )
+    # Envoy's defaults are what clients are held to (by Tollgate).
+    assert (CLIENT_MAX_HEADERS_COUNT, CLIENT_MAX_HEADERS_KB) == (100, 60)
+
+
+def test_upstreams_cannot_pass_their_errors_off_as_envoys() -> None:
+    plaintext, tls, _ = routes(default_doc())
+    for route in (plaintext, tls):
+        assert route["response_headers_to_remove"] == [ENVOY_ERROR_HEADER]
 
 
 # -- upstreams: Envoy's dynamic forward proxy, steered by Tollgate's headers -----------------
@@ -278,6 +366,7 @@ def test_jwt_authn_runs_before_ext_proc_and_its_payload_is_forwarded(tmp_path: P
     names = [f["name"] for f in http_filters(doc)]
     assert names == [
         "envoy.filters.http.jwt_authn",
+        "tollgate.local_reply_observer",
         "envoy.filters.http.ext_proc",
         "envoy.filters.http.dynamic_forward_proxy",
         "envoy.filters.http.router",
@@ -433,3 +522,97 @@ def test_extproc_tls_checks_an_ip_san_without_sni(tmp_path: Path) -> None:
 
 def test_extproc_cluster_is_plaintext_without_envoy_client_certificate() -> None:
     assert "transport_socket" not in cluster(default_doc(), "tollgate_extproc")
+
+
+# -- Envoy's edge as Tollgate's ext_proc sees it ----------------------------------------------
+
+
+def _headers(*pairs: tuple[str, bytes], end_of_stream: bool = True) -> ep.HttpHeaders:
+    msg = ep.HttpHeaders(end_of_stream=end_of_stream)
+    for key, value in pairs:
+        msg.headers.headers.add(key=key, raw_value=value)
+    return msg
+
+
+def _processor() -> tuple[RequestProcessor, RecordingSink]:
+    sink = RecordingSink()
+    ctx = ProcessorContext(sink=sink, router=Router.single("openai", "http://127.0.0.1:9"))
+    return RequestProcessor(ctx), sink
+
+
+REQUEST = ((":method", b"POST"), (":path", b"/v1/chat/completions"), (":authority", b"x"))
+
+
+@pytest.mark.parametrize(
+    ("count", "value_bytes", "refused"),
+    [
+        (100, 1, False),
+        (101, 1, True),
+        (10, 6138, False),  # 60 KiB exactly, with the six-byte names
+        (10, 6139, True),
+    ],
+)
+def test_clients_are_held_to_the_standard_header_limits(
+    count: int, value_bytes: int, refused: bool
+) -> None:
+    # Pseudo-headers and the headers Envoy adds do not count against the client.
+    envoy_added = (("x-request-id", b"r" * 36), ("x-forwarded-proto", b"http"))
+    client = tuple((f"x-h{i:03d}", b"v" * value_bytes) for i in range(count))
+    msg = _headers(*REQUEST, *envoy_added, *client)
+    if refused:
+        with pytest.raises(PolicyRefusal) as refusal:
+            check_client_headers(msg)
+        assert (refusal.value.status, refusal.value.code) == (431, "headers_too_large")
+    else:
+        check_client_headers(msg)
+
+
+def test_too_many_headers_are_refused_with_a_blocked_row() -> None:
+    processor, sink = _processor()
+    msg = _headers(*REQUEST, *((f"x-h{i}", b"v") for i in range(101)))
+    response = processor.request_headers(msg)
+    assert response.immediate_response.status.code == 431
+    (record,) = sink.records
+    assert (record.block_reason, record.endpoint) == ("headers_too_large", "/v1/chat/completions")
+
+
+def test_a_declared_body_over_the_limit_is_refused_before_it_is_read() -> None:
+    check_content_length(b"100", 100)
+    check_content_length(None, 100)
+    check_content_length(b"nonsense", 100)
+    with pytest.raises(PolicyRefusal) as refusal:
+        check_content_length(b"101", 100)
+    assert (refusal.value.status, refusal.value.code) == (413, "body_too_large")
+
+
+@pytest.mark.parametrize("code", sorted(ENVOY_ERROR_CODES))
+def test_envoy_local_replies_are_recorded_as_blocked_with_their_code(code: str) -> None:
+    # The observer's stream: only the response headers of Envoy's own reply.
+    processor, sink = _processor()
+    processor.response_headers(_headers((":status", b"400"), (ENVOY_ERROR_HEADER, code.encode())))
+    processor.close()
+    (record,) = sink.records
+    assert record.outcome == usage_pb2.OUTCOME_BLOCKED
+    assert record.block_reason == code
+    assert not record.HasField("endpoint")
+
+
+def test_envoy_413_after_tollgate_saw_the_request_keeps_what_it_knew() -> None:
+    processor, sink = _processor()
+    headers = (*REQUEST, ("content-type", b"application/json"), ("x-tollgate-user-id", b"u-1"))
+    processor.request_headers(_headers(*headers, end_of_stream=False))
+    processor.response_headers(
+        _headers((":status", b"413"), (ENVOY_ERROR_HEADER, b"body_too_large"))
+    )
+    (record,) = sink.records
+    assert (record.outcome, record.block_reason) == (usage_pb2.OUTCOME_BLOCKED, "body_too_large")
+    assert (record.endpoint, record.end_user_id) == ("/v1/chat/completions", "u-1")
+
+
+def test_an_unknown_error_code_header_is_not_trusted() -> None:
+    processor, sink = _processor()
+    processor.request_headers(_headers(*REQUEST))
+    processor.response_headers(_headers((":status", b"413"), (ENVOY_ERROR_HEADER, b"made_up")))
+    (record,) = sink.records
+    assert record.outcome == usage_pb2.OUTCOME_UPSTREAM_ERROR
+    assert not record.HasField("block_reason")

@@ -122,6 +122,52 @@ def test_route_by_path_and_default() -> None:
     assert r.route("/openai/deployments/x/chat/completions").provider == "openai"
 
 
+@pytest.mark.parametrize(
+    "request_path",
+    [
+        "/../team-b/v1/chat/completions",
+        "/v1/../../team-b/v1/chat/completions",
+        "/./v1/chat/completions",
+        "/%2e%2e/team-b/v1/chat/completions",
+        "/%2E%2e/v1/chat/completions",
+        "/v1%2fchat/completions",
+        "/v1%5cchat/completions",
+        "/v1\\chat/completions",
+        "/%252e%252e/team-b/v1/chat/completions",
+        "/v1/chat/completions\x01",
+        "*",
+    ],
+)
+def test_paths_that_could_leave_the_base_prefix_are_refused(request_path: str) -> None:
+    r = Router.single("custom", "http://127.0.0.1:9/team-a")
+    for route in (
+        lambda: r.route(request_path),
+        lambda: r.route(request_path, "http://127.0.0.1:9/team-a"),
+        lambda: r.for_model(request_path, "custom/gpt-4o"),
+    ):
+        with pytest.raises(PolicyRefusal) as refused:
+            route()
+        assert (refused.value.status, refused.value.code) == (400, "invalid_path")
+
+
+def test_processor_refuses_an_unsafe_path_before_any_upstream_header() -> None:
+    sink = RecordingSink()
+    processor = RequestProcessor(
+        ProcessorContext(sink=sink, router=Router.single("custom", "http://127.0.0.1:9/team-a"))
+    )
+    msg = ep.HttpHeaders(end_of_stream=True)
+    for key, value in ((":method", b"GET"), (":path", b"/%252e%252e/team-b/v1/models")):
+        msg.headers.headers.add(key=key, raw_value=value)
+    response = processor.request_headers(msg)
+    assert response.immediate_response.status.code == 400
+    assert json.loads(response.immediate_response.body)["error"]["code"] == "invalid_path"
+    (record,) = sink.records
+    assert (record.block_reason, record.endpoint) == (
+        "invalid_path",
+        "/%252e%252e/team-b/v1/models",
+    )
+
+
 def test_route_by_base_uri_header() -> None:
     r = router(base_uri_allow_list=("http://127.0.0.1:8001/prefix",))
     custom = r.route("/v1/chat/completions?x=1", "http://127.0.0.1:8001/prefix")

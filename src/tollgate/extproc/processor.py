@@ -21,6 +21,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from tollgate.config import Settings
 from tollgate.extproc import responses
+from tollgate.extproc.edge_limits import (
+    ENVOY_ERROR_CODES,
+    ENVOY_ERROR_HEADER,
+    check_client_headers,
+    check_content_length,
+)
 from tollgate.extproc.request_body import (
     is_json_content_type,
     multipart_field,
@@ -246,6 +252,7 @@ class RequestProcessor:
         # asked, with which key, tags and use case.
         self._attribution = att = parse_attribution(headers)
         try:
+            check_client_headers(msg)
             self._header_candidates(headers, metadata)
             att.refuse_if_invalid()
             self._check_credentials(headers, repeated)
@@ -276,6 +283,10 @@ class RequestProcessor:
                 return self._refuse(refusal)
         wanted = self._body_decides or self._body_routes or self._body_facts or self._body_form
         if wanted or log_body:
+            try:
+                check_content_length(headers.get("content-length"), policy.max_body_bytes)
+            except PolicyRefusal as refusal:
+                return self._refuse(refusal)
             # Envoy holds the request (no upstream connection) until the body is answered;
             # the route's headers are set then.
             self._awaiting_body = True
@@ -517,6 +528,11 @@ class RequestProcessor:
             self._status = int(headers.get(":status", b"0"))
         except ValueError:
             self._status = None
+        # Envoy's own local replies name their error (the route removes the header from
+        # upstream answers, so an upstream cannot pass its errors off as Envoy's).
+        envoy_error = headers.get(ENVOY_ERROR_HEADER, b"").decode("ascii", "replace")
+        if envoy_error in ENVOY_ERROR_CODES:
+            self._block_reason = envoy_error
         set_headers = [(REQUEST_ID_HEADER, self._request_id.encode())]
         ok = self._status is not None and 200 <= self._status < 300
         content_type = headers.get("content-type", b"").split(b";", 1)[0].strip().lower()
@@ -605,6 +621,10 @@ class RequestProcessor:
     # -- outcome and record -----------------------------------------------------------------
 
     def _outcome_without_body(self) -> int:
+        if self._block_reason in ENVOY_ERROR_CODES:
+            # Envoy answered itself (its local reply names the error): HTTP/1.0, headers its
+            # codec refuses, a body over its buffer limit, an encoded slash in the path.
+            return usage_pb2.OUTCOME_BLOCKED
         if self._endpoint is None:
             # Envoy answered before Tollgate saw the request: a filter ahead of ext_proc
             # refused it. In Tollgate's chain that is jwt_authn (401 bad token, 403 audience).

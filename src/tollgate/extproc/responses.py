@@ -67,6 +67,9 @@ def continue_request_headers(
     response.request_headers.response.clear_route_cache = clear_route_cache
     if request_body_mode is not None:
         response.mode_override.request_body_mode = request_body_mode
+        # An override replaces the whole mode, and the filter's own default skips response
+        # headers (only the route's config asks for them: see envoyconf._ext_proc_filter).
+        response.mode_override.response_header_mode = ProcessingMode.SEND
     return response
 
 

@@ -20,7 +20,11 @@ Accepted syntax (everything else raises :class:`InvalidBaseUri`)::
 * path: segments of RFC 3986 unreserved characters and sub-delims (plus ``:`` and ``@``),
   none empty, ``.`` or ``..``; one trailing ``/`` is dropped.
 
-Exceptions: :class:`InvalidBaseUri` (a :class:`ValueError`) and nothing else.
+Request paths joined to a base URI are checked too (:func:`check_request_path`): no ``.`` or
+``..`` segments, encoded dots, slashes or backslashes, backslashes or control characters.
+
+Exceptions: :class:`InvalidBaseUri` and :class:`InvalidRequestPath` (both
+:class:`ValueError`) and nothing else.
 """
 
 from __future__ import annotations
@@ -30,7 +34,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["BaseUri", "BaseUriAllowList", "InvalidBaseUri", "parse_base_uri"]
+__all__ = [
+    "BaseUri",
+    "BaseUriAllowList",
+    "InvalidBaseUri",
+    "InvalidRequestPath",
+    "check_request_path",
+    "parse_base_uri",
+]
 
 MAX_BASE_URI_LENGTH = 2048
 _MAX_DNS_NAME_LENGTH = 253
@@ -47,10 +58,40 @@ _DOTTED_QUAD_OCTET = re.compile(r"0|[1-9][0-9]{0,2}")
 _IPV6_LITERAL = re.compile(r"[0-9A-Fa-f:.]+")
 _PORT = re.compile(r"[1-9][0-9]{0,4}")
 _PATH_SEGMENT = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@]+")
+# Percent-encoded '.', '/' or '\\', once or more often ('%2e', '%252e', '%25252F', any case).
+_ENCODED_SEPARATOR = re.compile(r"%(?:25)*(?:2e|2f|5c)", re.IGNORECASE)
+# Control characters, space and DEL anywhere in a request path (Envoy's codec refuses most).
+_PATH_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 
 
 class InvalidBaseUri(ValueError):
     """A base URI (requested by an app or listed by the operator) is not one Tollgate accepts."""
+
+
+class InvalidRequestPath(ValueError):
+    """A request path could leave the base URI's path prefix once joined to it."""
+
+
+def check_request_path(request_path: str) -> None:
+    """Raise :class:`InvalidRequestPath` unless ``request_path`` is safe below any prefix.
+
+    ``request_path`` is the request's ``:path`` (origin form, query kept). Its path part must
+    start with ``/`` and hold no ``.`` or ``..`` segment, no percent-encoded ``.``, ``/`` or
+    ``\\`` (also double-encoded: ``%252e``), no backslash and no control character, so that
+    no server behind the base URI can resolve it to a path outside the prefix. The query may
+    hold anything but control characters.
+    """
+    path, _, query = request_path.partition("?")
+    if not path.startswith("/"):
+        raise InvalidRequestPath("request path must start with '/'")
+    if _PATH_CONTROL.search(path) or _PATH_CONTROL.search(query):
+        raise InvalidRequestPath("control character or space in request path")
+    if "\\" in path:
+        raise InvalidRequestPath("backslash in request path")
+    if _ENCODED_SEPARATOR.search(path):
+        raise InvalidRequestPath("percent-encoded '.', '/' or '\\' in request path")
+    if any(segment in (".", "..") for segment in path.split("/")):
+        raise InvalidRequestPath("'.' or '..' segment in request path")
 
 
 @dataclass(frozen=True)
@@ -71,10 +112,10 @@ class BaseUri:
         """The upstream ``:path``: this base URI's path followed by ``request_path``.
 
         ``request_path`` is the request's own path (starting with ``/``, possibly with a
-        query string).
+        query string); one that could escape this base URI's path (see
+        :func:`check_request_path`) raises :class:`InvalidRequestPath`.
         """
-        if not request_path.startswith("/"):
-            raise ValueError("request path must start with '/'")
+        check_request_path(request_path)
         return self.path + request_path
 
     def __str__(self) -> str:

@@ -10,6 +10,9 @@ In order of precedence:
 3. the API path (``/v1/messages`` → Anthropic, ``/openai/deployments/…`` → Azure, Gemini's
    ``/v1beta/…``);
 4. the default provider.
+
+A request path that could leave a base URI's path prefix (dot segments, encoded dots or
+slashes, backslashes, control characters) is refused with 400 ``invalid_path`` first.
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from tollgate.policy.refusal import PolicyRefusal
-from tollgate.routing.allowlist import BaseUri, BaseUriAllowList, parse_base_uri
+from tollgate.routing.allowlist import (
+    BaseUri,
+    BaseUriAllowList,
+    InvalidRequestPath,
+    check_request_path,
+    parse_base_uri,
+)
 from tollgate.routing.providers import Provider
 
 __all__ = ["Route", "Router", "api_for_path"]
@@ -56,6 +65,18 @@ def api_for_path(path: str) -> str | None:
     ):
         return "gemini"
     return None
+
+
+def _check_path(request_path: str) -> None:
+    """Refuse (400 ``invalid_path``) a path that could leave a base URI's prefix.
+
+    Envoy normalises paths first (the rendered listener resolves dot segments, merges
+    slashes and refuses encoded slashes); this check holds behind any other Envoy too.
+    """
+    try:
+        check_request_path(request_path)
+    except InvalidRequestPath as exc:
+        raise PolicyRefusal(400, "invalid_path", f"Invalid request path: {exc}.") from None
 
 
 def _covers(base: BaseUri, requested: BaseUri) -> bool:
@@ -100,9 +121,7 @@ class Router:
 
     def route(self, request_path: str, base_uri_header: str | None = None) -> Route:
         """The route from the request's path and base-URI header (the body may refine it)."""
-        if not request_path.startswith("/"):
-            # "*" (OPTIONS *) or anything else that is not an origin-form path.
-            raise PolicyRefusal(400, "invalid_path", "The request path must start with '/'.")
+        _check_path(request_path)
         by_path = self._by_api.get(api_for_path(request_path) or "", self._default)
         if base_uri_header is None:
             return self._to(by_path, request_path)
@@ -119,6 +138,7 @@ class Router:
         """``(route, model without prefix)`` when ``model`` starts with a provider's name."""
         if not self.model_prefix_routing or "/" not in model:
             return None
+        _check_path(request_path)
         prefix, _, bare = model.partition("/")
         provider = self._providers.get(prefix.lower())
         if provider is None or not bare:
