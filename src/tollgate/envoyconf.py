@@ -676,10 +676,11 @@ def _connection_manager(settings: Settings) -> HttpConnectionManager:
         # Streams may be silent for minutes while a model thinks.
         stream_idle_timeout=timeout,
         early_header_mutation_extensions=[_strip_routing_headers()],
-        # Paths reach Tollgate resolved ("/a/../b" is "/b", "//" is "/"); an encoded slash or
-        # backslash is refused (400 invalid_path). Tollgate checks again before joining a
-        # path to a base URI's prefix.
-        normalize_path=True,
+        # Dot segments reach Tollgate as sent, so that it refuses them (400 invalid_path)
+        # instead of Envoy silently resolving "/../b" to "/b": a client that tries to climb
+        # out of a base URI's prefix is told so and recorded. "//" is merged; an encoded
+        # slash or backslash is refused by Envoy (400 invalid_path).
+        normalize_path=False,
         merge_slashes=True,
         path_with_escaped_slashes_action=(
             HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST

@@ -236,15 +236,20 @@ REFUSED_PATHS = [
     b"/v1/chat/completions%255c",
 ]
 
-# Envoy resolves these before Tollgate sees them; the prefix is joined afterwards, so the
+# Dot segments, raw or percent-encoded, and backslashes reach Tollgate as sent (Envoy does
+# not resolve them) and are refused too.
+REFUSED_PATHS += [
+    b"/../team-b/v1/chat/completions",
+    b"/v1/../../team-b/v1/chat/completions",
+    b"/./v1/chat/completions",
+    b"/%2e%2e/team-b/v1/chat/completions",
+    b"/%2E%2e/%2e%2E/v1/chat/completions",
+    b"/v1/chat/..\\..\\..\\team-b/completions",
+]
+
+# Envoy merges slashes before Tollgate sees the path; the prefix is joined afterwards, so the
 # upstream gets a path below it: (as sent, as the upstream received it).
 NORMALISED_PATHS = [
-    (b"/../team-b/v1/chat/completions", "/team-a/team-b/v1/chat/completions"),
-    (b"/v1/../../team-b/v1/chat/completions", "/team-a/team-b/v1/chat/completions"),
-    (b"/./v1/chat/completions", "/team-a/v1/chat/completions"),
-    (b"/%2e%2e/team-b/v1/chat/completions", "/team-a/team-b/v1/chat/completions"),
-    (b"/%2E%2e/%2e%2E/v1/chat/completions", "/team-a/v1/chat/completions"),
-    (b"/v1/chat/..\\..\\..\\team-b/completions", "/team-a/team-b/completions"),
     (b"//v1//chat/completions", "/team-a/v1/chat/completions"),
 ]
 

@@ -148,9 +148,10 @@ def test_local_replies_get_openai_json_and_name_their_error() -> None:
         assert "response.code_details" in expression
 
 
-def test_paths_are_normalised_and_encoded_slashes_refused() -> None:
+def test_dot_segments_reach_tollgate_and_encoded_slashes_are_refused() -> None:
     hcm = connection_manager(default_doc())
-    assert hcm["normalize_path"] is True
+    # Tollgate refuses dot segments itself (400 invalid_path): Envoy must not resolve them.
+    assert hcm["normalize_path"] is False
     assert hcm["merge_slashes"] is True
     assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
 
