@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from tollgate.localstack import FakeProviderProcess, free_port
+from tollgate.localstack import EmbeddedPostgres, FakeProviderProcess, free_port
 
 
 @dataclass
@@ -52,6 +52,19 @@ def started_fake_upstream(log_path: Path) -> Iterator[FakeUpstream]:
         yield FakeUpstream(fake)
     finally:
         fake.stop()
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    """A Postgres server of the test's own, for tests that stop and start it."""
+    root = tmp_path / "pg"
+    root.mkdir()
+    os.chmod(root, 0o755)
+    server = EmbeddedPostgres(root / "data", log_path=root / "postgres.log")
+    server.start()
+    yield server
+    server.stop()
+    server.remove_data()
 
 
 @pytest.fixture

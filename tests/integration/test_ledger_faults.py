@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,18 +85,6 @@ def wait_for_ledger(url: str, expected: set[str], timeout_s: float) -> tuple[set
         if expected <= ids or time.monotonic() > deadline:
             return ids, count
         time.sleep(0.25)
-
-
-@pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
-    root = tmp_path / "pg"
-    root.mkdir()
-    os.chmod(root, 0o755)
-    server = EmbeddedPostgres(root / "data", log_path=root / "postgres.log")
-    server.start()
-    yield server
-    server.stop()
-    server.remove_data()
 
 
 def start_up(env: dict[str, str]) -> TollgateProcess:

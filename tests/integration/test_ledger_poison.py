@@ -6,12 +6,10 @@ flag, and the same after a restart that replays the odd record from the journal.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,18 +91,6 @@ class OddUpstream:
                 "usage": usage,
             }
         )
-
-
-@pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
-    root = tmp_path / "pg"
-    root.mkdir()
-    os.chmod(root, 0o755)
-    server = EmbeddedPostgres(root / "data", log_path=root / "postgres.log")
-    server.start()
-    yield server
-    server.stop()
-    server.remove_data()
 
 
 def send(client: openai.OpenAI, content: str, user: str) -> str:

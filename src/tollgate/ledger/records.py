@@ -10,6 +10,7 @@ from datetime import UTC
 from decimal import Decimal
 from typing import Any
 
+from tollgate.providers.usage import TOKEN_FIELDS
 from tollgate.v1 import usage_pb2
 
 __all__ = [
@@ -139,15 +140,6 @@ FLAG_REASONING_EXCEEDS_OUTPUT = "reasoning_exceeds_output"
 FLAG_TOTAL_MISMATCH = "total_mismatch"
 HUGE_TOKENS = 10**9  # more than any context window or answer a request can have
 
-_TOKEN_FIELDS = (
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-)
-
 
 def _family(record: usage_pb2.UsageRecord) -> str:
     """Which usage shape the record's numbers follow: the parser family of its endpoint."""
@@ -167,7 +159,7 @@ def usage_flags(record: usage_pb2.UsageRecord) -> list[str]:
     Pure: the record is not changed. Unset counts are never flagged, nor compared.
     """
     flags = set(record.usage_flags)
-    counts = {name: optional(record, name) for name in _TOKEN_FIELDS}
+    counts = {name: optional(record, name) for name in TOKEN_FIELDS}
     reported = [v for v in counts.values() if v is not None]
     if any(v < 0 for v in reported):
         flags.add(FLAG_NEGATIVE)
