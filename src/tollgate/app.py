@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,14 @@ from grpc_health.v1.health import aio as health_aio
 from psycopg_pool import AsyncConnectionPool
 
 from tollgate.config import ConfigError, Settings, mask_dsn
+from tollgate.envoyadmin import active_requests, start_drain
 from tollgate.envoyconf import render_yaml
 from tollgate.extproc.processor import PolicyConfig, ProcessorContext, RequestProcessor
 from tollgate.extproc.server import ExternalProcessorServicer
 from tollgate.ledger.journal import Journal
 from tollgate.ledger.migrate import apply_migrations
 from tollgate.ledger.service import BearerTokenInterceptor, UsageServicer
-from tollgate.ledger.writer import LedgerWriter
+from tollgate.ledger.writer import BatchObserver, LedgerWriter
 from tollgate.localstack import (
     EmbeddedPostgres,
     EnvoyProcess,
@@ -44,7 +46,8 @@ from tollgate.localstack import (
     free_port,
     running_postgres_url,
 )
-from tollgate.metrics import start_metrics_server
+from tollgate.metrics import start_http_endpoint
+from tollgate.observe import RequestLog, UsageCounters
 from tollgate.policy.keys import KeyCache
 from tollgate.pricing import PriceBook, parse_overrides
 from tollgate.routing.allowlist import BaseUriAllowList, InvalidBaseUri
@@ -133,6 +136,9 @@ class _Running:
     writer: LedgerWriter | None = None
     extproc: ExternalProcessorServicer | None = None
     keys: KeyCache | None = None
+    health: health_aio.HealthServicer | None = None
+    grpc_server: grpc.aio.Server | None = None
+    envoy: EnvoyProcess | None = None
 
 
 def grpc_server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -211,6 +217,9 @@ class Stack:
         self._r = _Running()
         self._exits = contextlib.AsyncExitStack()
         self._grace_s = 3.0
+        self.started = False
+        self.draining = False
+        self.usage_counters = UsageCounters()
         self.database_url = ""
         self.grpc_port = 0
         self.usage_port = 0
@@ -252,10 +261,79 @@ class Stack:
             if s.usage_service_address:
                 await self._start_usage_service(s.usage_service_address, token)
             if s.metrics_address:
-                self._teardown("metrics", start_metrics_server(s.metrics_address, self))
+                self._teardown(
+                    "the HTTP endpoint", await start_http_endpoint(s.metrics_address, self)
+                )
         except BaseException:
             await self.stop()
             raise
+        self.started = True
+
+    def liveness(self) -> tuple[bool, str]:
+        """Alive: the ledger writer runs (a dead writer would lose every record after)."""
+        writer = self._r.writer
+        if writer is not None and not writer.alive and not self.draining:
+            return False, "ledger writer stopped"
+        return True, "ok"
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready to serve; else why not. A Postgres outage alone does not make it unready."""
+        if self.draining:
+            return False, "draining"
+        writer = self._r.writer
+        if not self.started or writer is None or self._r.keys is None:
+            return False, "starting"
+        if not writer.accepting:
+            return False, "journal full (journal_full_policy = reject)"
+        if not writer.journal_writable:
+            return False, "journal not writable"
+        return True, "ready"
+
+    async def drain(self) -> None:
+        """The graceful part of a stop (SIGTERM): health goes NOT_SERVING at once; new
+        streams are still served for ``shutdown_delay_s``; in-flight streams get up to
+        ``shutdown_grace_s`` to finish. With its own Envoy (`tollgate up`), Envoy is drained
+        first and stopped only once its requests are done. :meth:`stop` does the rest."""
+        if self.draining:
+            return
+        self.draining = True
+        s = self.settings
+        r = self._r
+        loop = asyncio.get_running_loop()
+        if r.health is not None:
+            await r.health.enter_graceful_shutdown()  # every service NOT_SERVING
+        if r.envoy is not None:
+            try:
+                await asyncio.to_thread(start_drain, r.envoy.admin_url())
+            except OSError as exc:
+                log.warning("envoy did not take the drain request: %s", exc)
+        log.info(
+            "draining: new streams served for %ss, in-flight streams get up to %ss",
+            s.shutdown_delay_s,
+            s.shutdown_grace_s,
+        )
+        await asyncio.sleep(s.shutdown_delay_s)
+        deadline = loop.time() + s.shutdown_grace_s
+        if r.envoy is not None:
+            # Envoy's requests (each an ext_proc stream here) end before Envoy stops.
+            while loop.time() < deadline and await self._envoy_busy(r.envoy):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(r.envoy.stop)
+        if r.grpc_server is not None:
+            # New streams are refused from here; in-flight ones get what is left of the grace.
+            await r.grpc_server.stop(max(deadline - loop.time(), 0.0))
+        active = r.extproc.active_streams if r.extproc is not None else 0
+        if active:
+            log.warning("%d ext_proc streams were still open after the grace period", active)
+
+    async def _envoy_busy(self, envoy: EnvoyProcess) -> bool:
+        extproc = self._r.extproc
+        if extproc is not None and extproc.active_streams:
+            return True
+        try:
+            return await asyncio.to_thread(active_requests, envoy.admin_url()) > 0
+        except OSError:
+            return False
 
     def _teardown(self, what: str, step: Callable[[], Awaitable[None] | None]) -> None:
         """Register ``step`` to run at stop; if it fails, log that and go on with the rest."""
@@ -284,8 +362,39 @@ class Stack:
         await pool.wait(timeout=30)
         self._r.pool = pool
 
+    def _observers(self) -> tuple[list[BatchObserver], list[Callable[[], None]]]:
+        """What each stored batch is shown to, and how to stop those that need it."""
+        s = self.settings
+        observers: list[BatchObserver] = [self.usage_counters]
+        stops: list[Callable[[], None]] = []
+        if s.log_requests:
+            observers.append(RequestLog())
+        if s.otel_endpoint:
+            try:
+                from tollgate.otel import OtelExporter
+            except ImportError as exc:
+                raise ConfigError(
+                    f"otel_endpoint is set but OpenTelemetry is not installed ({exc.name}):"
+                    " pip install 'tollgate[otel]'"
+                ) from None
+            exporter = OtelExporter(s.otel_endpoint, service_name=s.otel_service_name)
+
+            def to_otel(records: Sequence[Any], costs: Sequence[Any]) -> None:
+                for record, cost in zip(records, costs, strict=True):
+                    exporter.observe(record, cost, record.traceparent)
+
+            observers.append(to_otel)
+            stops.append(exporter.shutdown)
+        return observers, stops
+
+    @staticmethod
+    async def _stop_observers(stops: list[Callable[[], None]]) -> None:
+        for stop in stops:
+            await asyncio.to_thread(stop)
+
     def _start_writer(self) -> None:
         s = self.settings
+        observers, stop_observers = self._observers()
         journal = Journal(s.resolved_state_dir() / "journal")
         self._teardown("the journal", journal.close)
         writer = LedgerWriter(
@@ -298,8 +407,10 @@ class Stack:
             journal_max_bytes=s.journal_max_bytes,
             reject_when_full=s.journal_full_policy == "reject",
             concurrency=s.writer_concurrency,
+            observers=observers,
         )
         self._r.writer = writer
+        self._teardown("the batch observers", lambda: self._stop_observers(stop_observers))
         fsync = asyncio.create_task(
             writer.run_fsync(s.journal_fsync_interval_ms / 1000), name="journal-fsync"
         )
@@ -365,6 +476,9 @@ class Stack:
         for service in ("", EXTPROC_SERVICE):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._r.extproc = extproc
+        self._r.health = health
+        self._r.grpc_server = server
+        self._r.envoy = envoy
 
     async def _start_usage_service(self, address: str, token: str) -> None:
         """UsageService on its own listener, every call checked for the bearer token."""
@@ -390,7 +504,9 @@ class Stack:
         config.write_text(render_yaml(s, self.options.envoy_target), encoding="utf-8")
         envoy = EnvoyProcess(config, log_path=state / "envoy.log")
         self._teardown("envoy", lambda: asyncio.to_thread(envoy.stop))
-        await asyncio.to_thread(envoy.start)
+        await asyncio.to_thread(
+            functools.partial(envoy.start, drain_time_s=max(self.settings.shutdown_grace_s, 1))
+        )
         return envoy
 
     async def _start_fake_provider(self, state: Path, port: int) -> None:

@@ -17,6 +17,15 @@ __all__ = ["main"]
 log = logging.getLogger("tollgate")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tollgate")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _when(text: str) -> datetime:
     """ISO date or date-time; without a zone it is UTC."""
     try:
@@ -35,12 +44,42 @@ def _parser() -> argparse.ArgumentParser:
         description="Per-user usage and cost attribution for LLM traffic through Envoy.",
     )
     parser.add_argument("--config", type=Path, help="TOML settings file (or TOLLGATE_CONFIG)")
+    parser.add_argument("--version", action="version", version=f"tollgate {_version()}")
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        help="log lines as JSON objects or text (default: the log_format setting; else json "
+        "for serve, text otherwise)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("demo", help="offline quick start: stack + fake provider + SDK calls + report")
     sub.add_parser("up", help="local all-in-one: Postgres, ext_proc server and Envoy on :10000")
-    sub.add_parser("serve", help="the sidecar: ext_proc gRPC server with health and metrics")
+    sub.add_parser(
+        "serve",
+        help="the sidecar: ext_proc gRPC server with health, /healthz, /readyz and /metrics",
+        description="Serve ext_proc (and gRPC health) on grpc_address and /metrics, /healthz "
+        "and /readyz on metrics_address, with the ledger writer. SIGTERM drains: health goes "
+        "NOT_SERVING at once, new streams are served for shutdown_delay_s, in-flight ones get "
+        "shutdown_grace_s, the writer flushes, exit 0.",
+    )
     sub.add_parser("migrate", help="apply the ledger's SQL migrations")
+
+    drain = sub.add_parser(
+        "envoy-drain",
+        help="drain an Envoy (e.g. a preStop hook): stop new connections, wait for requests",
+    )
+    drain.add_argument(
+        "--admin-address",
+        default="127.0.0.1:9901",
+        help="Envoy's admin host:port (default 127.0.0.1:9901)",
+    )
+    drain.add_argument(
+        "--timeout-s",
+        type=float,
+        default=30.0,
+        help="most seconds to wait for Envoy's active requests to end (default 30)",
+    )
 
     conf = sub.add_parser("envoy-config", help="render the Envoy bootstrap")
     conf.add_argument("--target", choices=("local", "compose", "kubernetes"), default="local")
@@ -125,15 +164,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = load_settings(args.config)
     except ConfigError as exc:
         sys.exit(f"tollgate: {exc}")
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if settings.log_level.lower() != "debug":
-        # Client libraries log every HTTP call at INFO; that is noise in Tollgate's own log.
-        for noisy in ("httpx", "httpx2", "httpcore", "openai", "aiohttp.access"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    from tollgate.logs import configure_logging
+
+    log_format = args.log_format or settings.log_format.lower()
+    if not log_format:
+        log_format = "json" if args.command == "serve" else "text"
+    configure_logging(settings.log_level, log_format)
     try:
         code = asyncio.run(_run(args, settings))
     except KeyboardInterrupt:
@@ -166,6 +202,15 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if command == "usage":
         return await _usage(args, settings)
+    if command == "envoy-drain":
+        from tollgate.envoyadmin import drain_envoy
+
+        active = await asyncio.to_thread(drain_envoy, args.admin_address, args.timeout_s)
+        if active:
+            print(f"envoy still had {active} active requests after {args.timeout_s}s")
+            return 1
+        print("envoy drained: no active requests")
+        return 0
     if command == "reprice":
         return await _reprice(args, settings)
     if command == "keys":
@@ -343,8 +388,15 @@ async def _serve(settings: Settings, *, with_envoy: bool) -> int:
                     f" (default provider {settings.default_provider})",
                     flush=True,
                 )
+            if settings.metrics_address:
+                print(
+                    f"http:     http://{settings.metrics_address}/metrics, /healthz, /readyz",
+                    flush=True,
+                )
             print("tollgate is ready; Ctrl-C or SIGTERM stops everything", flush=True)
             await stop.wait()
+            log.info("stop requested: draining")
+            await stack.drain()
         finally:
             await stack.stop()
     return 0

@@ -149,7 +149,8 @@ class Settings:
     )
     metrics_address: str = _setting(
         "127.0.0.1:9464",
-        "`host:port` of the Prometheus `/metrics` endpoint of `tollgate serve`; empty disables it.",
+        "`host:port` of Tollgate's HTTP endpoint: Prometheus `/metrics`, `/healthz` (alive) and "
+        "`/readyz` (ready to serve; for Kubernetes probes). Empty disables it.",
     )
     envoy_listen_address: str = _setting(
         "127.0.0.1", "Address Envoy's HTTP listener binds in `tollgate up`."
@@ -289,6 +290,44 @@ class Settings:
         "Log level: debug, info, warning or error.",
         choices=("debug", "info", "warning", "error"),
         ignore_case=True,
+    )
+    log_format: str = _setting(
+        "",
+        "Log line format: `json` (one JSON object a line, for log pipelines) or `text` (for "
+        "people). Empty: `json` for `tollgate serve`, `text` for the other commands. "
+        "`--log-format` overrides it.",
+        choices=("", "json", "text"),
+        ignore_case=True,
+    )
+    log_requests: bool = _setting(
+        True,
+        "Log one line per request at info once its record is in the ledger: request id, end "
+        "user, key id, provider, model, status, outcome, tokens, cost, latency (never a key, "
+        "a token or a body).",
+    )
+    shutdown_delay_s: int = _setting(
+        2,
+        "After SIGTERM: health (gRPC and `/readyz`) reports NOT_SERVING at once, while new "
+        "ext_proc streams are still served for this many seconds (Envoy may still send some).",
+        minimum=0,
+        maximum=300,
+    )
+    shutdown_grace_s: int = _setting(
+        30,
+        "After the delay: the most time in-flight streams get to finish before they are cut; "
+        "then the ledger writer flushes what it can (what it cannot stays in the journal). The "
+        "Envoy bootstrap's drain settings and the manifests' termination grace follow it.",
+        minimum=0,
+        maximum=3600,
+    )
+    otel_endpoint: str = _setting(
+        "",
+        "OTLP/HTTP endpoint (e.g. `http://127.0.0.1:4318`) to export OpenTelemetry GenAI "
+        "metrics and one span per request to; empty (default) turns OpenTelemetry off. Needs "
+        "the `otel` extra (`pip install 'tollgate[otel]'`).",
+    )
+    otel_service_name: str = _setting(
+        "tollgate", "OpenTelemetry `service.name` of what Tollgate exports."
     )
     # -- identity and policy ------------------------------------------------------------------
     identity_sources: tuple[str, ...] = _setting(

@@ -236,13 +236,37 @@ class EnvoyTarget:
     listen_address: str | None  # None: take it from the settings
     extproc_host: str | None  # None: take it from settings.grpc_address
     admin_address: str
+    # Where Envoy finds Tollgate's socket when ``grpc_address`` is a TCP address without
+    # mutual TLS (a plaintext TCP listener is only allowed on loopback, which a container
+    # beside Envoy does not share in Compose): a unix socket on a volume both mount.
+    extproc_socket: str | None = None
 
+
+# The socket path in the shared volume of the container targets (Compose, Kubernetes).
+CONTAINER_EXTPROC_SOCKET = "/run/tollgate/extproc.sock"
 
 TARGETS: dict[str, EnvoyTarget] = {
     "local": EnvoyTarget("local", None, None, "127.0.0.1"),
-    "compose": EnvoyTarget("compose", "0.0.0.0", "tollgate", "127.0.0.1"),
-    "kubernetes": EnvoyTarget("kubernetes", "0.0.0.0", "127.0.0.1", "127.0.0.1"),
+    "compose": EnvoyTarget("compose", "0.0.0.0", "tollgate", "127.0.0.1", CONTAINER_EXTPROC_SOCKET),
+    "kubernetes": EnvoyTarget(
+        "kubernetes", "0.0.0.0", "127.0.0.1", "127.0.0.1", CONTAINER_EXTPROC_SOCKET
+    ),
 }
+
+
+def extproc_address(settings: Settings, target: str) -> str:
+    """The ext_proc address Envoy connects to for ``target``: ``unix:/path`` or
+    ``host:port``. The container targets use the shared socket unless Tollgate listens on
+    TCP with mutual TLS (then the target's host: the ``tollgate`` service, the pod's
+    loopback)."""
+    where = TARGETS[target]
+    address = settings.grpc_address
+    if address.startswith("unix:"):
+        return address
+    if where.extproc_socket and not settings.envoy_grpc_client_cert_file:
+        return f"unix:{where.extproc_socket}"
+    host, _, port = address.rpartition(":")
+    return f"{where.extproc_host or host.strip('[]')}:{port}"
 
 
 def _seconds(value: float) -> datetime.timedelta:
@@ -272,13 +296,12 @@ def _http2_options() -> dict[str, AnyProto]:
 
 
 def _extproc_cluster(settings: Settings, target: EnvoyTarget) -> Cluster:
-    grpc_address = settings.grpc_address
+    grpc_address = extproc_address(settings, target.name)
     if grpc_address.startswith("unix:"):
         address = Address(pipe=Pipe(path=grpc_address.removeprefix("unix:")))
         kind = ClusterDiscoveryType.STATIC
     else:
         host, _, port = grpc_address.rpartition(":")
-        host = target.extproc_host or host.strip("[]")
         address = _socket(host, int(port))
         kind = ClusterDiscoveryType.STATIC if _is_ip(host) else ClusterDiscoveryType.STRICT_DNS
     cluster = Cluster(
@@ -675,6 +698,11 @@ def _connection_manager(settings: Settings) -> HttpConnectionManager:
         codec_type=HttpConnectionManagerCodecType.AUTO,
         # Streams may be silent for minutes while a model thinks.
         stream_idle_timeout=timeout,
+        # While Envoy drains (SIGTERM to Tollgate, or the preStop drain), HTTP/2 clients get a
+        # first GOAWAY and may open new streams for as long as Tollgate still serves new ones
+        # (shutdown_delay_s); Envoy's --drain-time-s (shutdown_grace_s in `tollgate up` and
+        # the manifests) then closes the listener, and requests in flight run to their end.
+        drain_timeout=_seconds(max(settings.shutdown_delay_s, 1)),
         early_header_mutation_extensions=[_strip_routing_headers()],
         # Dot segments reach Tollgate as sent, so that it refuses them (400 invalid_path)
         # instead of Envoy silently resolving "/../b" to "/b": a client that tries to climb

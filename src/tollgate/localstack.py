@@ -451,8 +451,14 @@ class EnvoyProcess(ChildProcess):
         self.config_path = config_path
         self.admin_address_path = config_path.parent / "envoy-admin-address"
 
-    def start(self, timeout_s: float = 30.0, log_level: str = "warning") -> None:
+    def start(
+        self, timeout_s: float = 30.0, log_level: str = "warning", *, drain_time_s: int = 0
+    ) -> None:
+        """Start Envoy and wait until it is ready. ``drain_time_s`` (when > 0) is Envoy's
+        ``--drain-time-s``: how long a drain (``/drain_listeners?graceful``) asks clients to
+        go away before the listeners close."""
         self.admin_address_path.unlink(missing_ok=True)
+        drain = ["--drain-time-s", str(drain_time_s)] if drain_time_s > 0 else []
         self._spawn(
             [
                 envoy_binary(),
@@ -463,6 +469,7 @@ class EnvoyProcess(ChildProcess):
                 log_level,
                 "--admin-address-path",
                 str(self.admin_address_path),
+                *drain,
             ]
         )
         _wait_until(self._ready, "envoy", timeout_s, self)

@@ -456,7 +456,7 @@ def test_gateway_key_lifecycle_and_secrecy(
             401,
         )
         assert metric(running, "tollgate_gateway_keys") == 0
-        assert metric(running, 'tollgate_requests_total{outcome="blocked"}') >= 1
+        assert metric(running, 'tollgate_refusals_total{reason="invalid_gateway_key"}') >= 1
         assert metric(running, "tollgate_gateway_key_refresh_failures_total") == 0
         log_text = "".join(running.process.output)
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,6 +135,8 @@ class PolicyConfig:
     jwt_user_claim: str = "sub"
     max_body_bytes: int = 32 * 1024 * 1024
     log_bodies: bool = False
+    # Keep the request's W3C traceparent in its record (for the OpenTelemetry span).
+    keep_traceparent: bool = False
 
     @classmethod
     def from_settings(cls, s: Settings) -> PolicyConfig:
@@ -148,6 +151,7 @@ class PolicyConfig:
             jwt_user_claim=s.jwt_user_claim,
             max_body_bytes=s.max_body_bytes,
             log_bodies=s.log_bodies,
+            keep_traceparent=bool(s.otel_endpoint),
         )
 
 
@@ -161,6 +165,16 @@ class ProcessorContext:
     keys: KeyLookup = field(default_factory=_NoKeys)
     monotonic_ns: Callable[[], int] = field(default=time.monotonic_ns)
     wall_ns: Callable[[], int] = field(default=time.time_ns)
+
+
+_TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def _traceparent(value: bytes | None) -> str | None:
+    """A W3C ``traceparent`` of the version-00 shape, else None (never stored as sent)."""
+    if value is None or not _TRACEPARENT.fullmatch(value.strip()):
+        return None
+    return value.strip().decode("ascii")
 
 
 def header_map(headers: ep.HttpHeaders, repeated: set[str] | None = None) -> dict[str, bytes]:
@@ -673,6 +687,10 @@ class RequestProcessor:
         is left unset and flagged in ``usage_flags``."""
         if self._endpoint is not None:
             record.endpoint = self._endpoint
+        if self._ctx.policy.keep_traceparent:
+            traceparent = _traceparent(self._headers.get("traceparent"))
+            if traceparent is not None:
+                record.traceparent = traceparent
         if self._status is not None:
             record.status_code = self._status
         if self._identity is not None:

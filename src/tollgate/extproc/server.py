@@ -14,6 +14,7 @@ The servicer goes on serving other streams.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections import Counter
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from tollgate.extproc.processor import RequestProcessor
+from tollgate.stats import LATENCY_BUCKETS_S, HistogramFamily
 
 __all__ = ["ExternalProcessorServicer"]
 
@@ -37,6 +39,8 @@ class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):  # type: ign
         self.active_streams = 0
         # Phase → handlers that raised there (``close`` counts as phase "close").
         self.internal_errors: Counter[str] = Counter()
+        # Seconds Tollgate spent on each message, by phase (Tollgate's own share of latency).
+        self.phase_seconds = HistogramFamily(LATENCY_BUCKETS_S)
 
     async def Process(
         self,
@@ -52,8 +56,10 @@ class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):  # type: ign
                     return
                 assert isinstance(request, ep.ProcessingRequest)
                 phase = request.WhichOneof("request")
+                started = time.perf_counter()
                 try:
                     response = _dispatch(processor, request)
+                    self.phase_seconds.observe(phase or "none", time.perf_counter() - started)
                 except Exception as exc:
                     self._failed(processor, phase or "none", exc)
                     response = processor.fail(phase or "none")

@@ -159,6 +159,12 @@ class Journal:
     def unshipped_bytes(self) -> int:
         return self.end_pos - self.checkpoint_pos
 
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of the segments on disk (shipped records in a segment still open count)."""
+        segments = self._segments()
+        return self.end_pos - segments[0] if segments else 0
+
     def sync(self) -> None:
         """fsync the open segment if anything was written since the last sync."""
         if self._dirty:

@@ -44,9 +44,18 @@ from tollgate.ledger.copy_text import copy_rows
 from tollgate.ledger.journal import Journal, JournalEntry
 from tollgate.ledger.records import COLUMNS, OUTCOME_NAMES, UsageRecord, optional, usage_flags
 from tollgate.pricing import PriceBook
+from tollgate.stats import BoundedCounter, Histogram
 from tollgate.v1 import usage_pb2
 
-__all__ = ["LedgerWriter", "WriterStats", "record_cost"]
+__all__ = ["BatchObserver", "LedgerWriter", "WriterStats", "record_cost"]
+
+# Called (in the writer's worker thread) with the records of each batch once it is in
+# Postgres, and their costs: the request log, usage counters, OpenTelemetry. A replayed batch
+# (after a crash) is observed again in the new process.
+BatchObserver = Callable[[Sequence[UsageRecord], Sequence["Decimal | str | None"]], None]
+
+# Seconds a batch takes to commit: from a few ms to the 5 s retry cap and beyond.
+_BATCH_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +129,20 @@ class WriterStats:
     dead_letters: int = 0
     skipped: int = 0  # undecodable journal records passed over
     outcomes: Counter[str] = field(default_factory=Counter)
+    # Submitted requests by (outcome, provider, model, endpoint); model and endpoint come
+    # from clients, so their number is capped.
+    requests: BoundedCounter = field(default_factory=lambda: BoundedCounter(keep=(0, 1)))
+    refusals: Counter[str] = field(default_factory=Counter)  # blocked requests by reason
+    batch_seconds: Histogram = field(default_factory=lambda: Histogram(_BATCH_BUCKETS_S))
+    observer_failures: int = 0
+
+    def count_submitted(self, record: UsageRecord) -> None:
+        self.submitted += 1
+        outcome = OUTCOME_NAMES.get(record.outcome, "unknown")
+        self.outcomes[outcome] += 1
+        self.requests.add((outcome, record.provider, record.model, record.endpoint))
+        if record.outcome == usage_pb2.OUTCOME_BLOCKED:
+            self.refusals[record.block_reason or "unknown"] += 1
 
 
 @dataclass
@@ -241,8 +264,11 @@ class LedgerWriter:
         journal_max_bytes: int = 0,
         reject_when_full: bool = True,
         concurrency: int = 2,
+        observers: Sequence[BatchObserver] = (),
     ) -> None:
         self.stats = WriterStats()
+        self._observers = tuple(observers)
+        self._journal_failing = False
         self._pool = pool
         self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue(maxsize=queue_size)
         self._journal = journal
@@ -300,6 +326,19 @@ class LedgerWriter:
         return max(time.time() - oldest, 0.0) if oldest is not None else 0.0
 
     @property
+    def journal_unshipped_bytes(self) -> int:
+        return self._journal.unshipped_bytes if self._journal is not None else 0
+
+    @property
+    def journal_disk_bytes(self) -> int:
+        return self._journal.disk_bytes if self._journal is not None else 0
+
+    @property
+    def journal_writable(self) -> bool:
+        """False while the last journal append failed (disk full, read-only filesystem)."""
+        return not self._journal_failing
+
+    @property
     def _journal_full(self) -> bool:
         journal = self._journal
         return journal is not None and 0 < self._journal_max <= journal.unshipped_bytes
@@ -322,8 +361,7 @@ class LedgerWriter:
             return False
         if was_empty:
             self._head_unread_at = _created_s(record)
-        self.stats.submitted += 1
-        self.stats.outcomes[OUTCOME_NAMES.get(record.outcome, "unknown")] += 1
+        self.stats.count_submitted(record)
         return True
 
     def _append(self, journal: Journal, record: UsageRecord) -> bool:
@@ -339,12 +377,13 @@ class LedgerWriter:
             journal.append(record)
         except OSError as exc:
             self.stats.dropped += 1
+            self._journal_failing = True
             log.error(
                 "ledger journal write failed (%s): record %s not kept", exc, record.request_id
             )
             return False
-        self.stats.submitted += 1
-        self.stats.outcomes[OUTCOME_NAMES.get(record.outcome, "unknown")] += 1
+        self._journal_failing = False
+        self.stats.count_submitted(record)
         if not self._unread:
             self._head_unread_at = _created_s(record)
         self._unshipped += 1
@@ -566,7 +605,7 @@ class LedgerWriter:
         while True:
             try:
                 await self._store(prepared.data, len(prepared.records))
-                return True
+                break
             except Exception as exc:
                 if _refused(exc):
                     log.warning(
@@ -574,18 +613,37 @@ class LedgerWriter:
                         len(prepared.records),
                         _reason(exc),
                     )
-                    return await self._store_each(prepared)
+                    if not await self._store_each(prepared):
+                        return False
+                    break
                 if not await self._pause(backoff, exc, f"ledger write of {len(batch)} records"):
                     return False
+        if self._observers:
+            await self._in_thread(self._observe, prepared.records, prepared.costs)
+        return True
+
+    def _observe(
+        self, records: Sequence[UsageRecord], costs: Sequence[Decimal | str | None]
+    ) -> None:
+        """Hand a stored batch to the observers (worker thread); one that raises is logged
+        and counted, never allowed to stop the writer."""
+        for observer in self._observers:
+            try:
+                observer(records, costs)
+            except Exception:
+                self.stats.observer_failures += 1
+                log.exception("a ledger batch observer failed; going on")
 
     async def _store_each(self, prepared: _Prepared) -> bool:
         """Store records one by one; those Postgres refuses go to the dead-letter table.
         False when giving up at shutdown."""
+        stored: list[tuple[UsageRecord, Decimal | str | None]] = []
         for record, cost in zip(prepared.records, prepared.costs, strict=True):
             backoff = _Backoff()
             while True:
                 try:
                     await self._store(copy_rows([record], [cost]), 1)
+                    stored.append((record, cost))
                     break
                 except Exception as exc:
                     if _refused(exc):
@@ -594,6 +652,9 @@ class LedgerWriter:
                         break
                     if not await self._pause(backoff, exc, f"storing record {record.request_id}"):
                         return False
+        # What the observers see: the records now in the ledger, not the dead-lettered ones.
+        prepared.records = [record for record, _ in stored]
+        prepared.costs = [cost for _, cost in stored]
         return True
 
     async def _dead_letter(self, record: UsageRecord, reason: str) -> bool:
@@ -695,6 +756,7 @@ class LedgerWriter:
     async def _store(self, data: bytes, count: int) -> int:
         """COPY ``count`` encoded rows into staging, move the new ones and roll them up, in one
         transaction; return how many were new."""
+        started = time.perf_counter()
         async with self._pool.connection() as conn, conn.transaction():
             await conn.execute(_PREPARE)
             async with conn.cursor() as cur:
@@ -703,6 +765,7 @@ class LedgerWriter:
                 await cur.execute(_MOVE_AND_ROLL_UP)
                 fetched = await cur.fetchone()
         inserted = int(fetched[0]) if fetched else 0  # type: ignore[index]
+        self.stats.batch_seconds.observe(time.perf_counter() - started)
         self.stats.batches += 1
         self.stats.written += inserted
         self.stats.duplicates += count - inserted

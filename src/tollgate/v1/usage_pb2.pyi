@@ -28,7 +28,7 @@ OUTCOME_USAGE_MISSING: Outcome
 OUTCOME_INTERNAL_ERROR: Outcome
 
 class UsageRecord(_message.Message):
-    __slots__ = ("request_id", "created_at", "key_id", "end_user_id", "identity_source", "provider", "model", "endpoint", "streamed", "status_code", "outcome", "block_reason", "input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens", "total_tokens", "units", "cost_usd", "usage_flags", "pricing_error", "latency_ms", "ttft_ms", "tags", "limit_ids", "use_case_id", "use_case_name", "use_case_version", "logging_disabled", "upstream_base_uri")
+    __slots__ = ("request_id", "created_at", "key_id", "end_user_id", "identity_source", "provider", "model", "endpoint", "streamed", "status_code", "outcome", "block_reason", "input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens", "total_tokens", "units", "cost_usd", "usage_flags", "pricing_error", "latency_ms", "ttft_ms", "tags", "limit_ids", "use_case_id", "use_case_name", "use_case_version", "logging_disabled", "upstream_base_uri", "traceparent")
     class UnitsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class UsageRecord(_message.Message):
     USE_CASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOGGING_DISABLED_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_BASE_URI_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     created_at: _timestamp_pb2.Timestamp
     key_id: str
@@ -98,7 +99,8 @@ class UsageRecord(_message.Message):
     use_case_version: str
     logging_disabled: bool
     upstream_base_uri: str
-    def __init__(self, request_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_id: _Optional[str] = ..., end_user_id: _Optional[str] = ..., identity_source: _Optional[str] = ..., provider: _Optional[str] = ..., model: _Optional[str] = ..., endpoint: _Optional[str] = ..., streamed: _Optional[bool] = ..., status_code: _Optional[int] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., block_reason: _Optional[str] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., cache_write_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., units: _Optional[_Mapping[str, float]] = ..., cost_usd: _Optional[str] = ..., usage_flags: _Optional[_Iterable[str]] = ..., pricing_error: _Optional[str] = ..., latency_ms: _Optional[int] = ..., ttft_ms: _Optional[int] = ..., tags: _Optional[_Iterable[str]] = ..., limit_ids: _Optional[_Iterable[str]] = ..., use_case_id: _Optional[str] = ..., use_case_name: _Optional[str] = ..., use_case_version: _Optional[str] = ..., logging_disabled: _Optional[bool] = ..., upstream_base_uri: _Optional[str] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, request_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_id: _Optional[str] = ..., end_user_id: _Optional[str] = ..., identity_source: _Optional[str] = ..., provider: _Optional[str] = ..., model: _Optional[str] = ..., endpoint: _Optional[str] = ..., streamed: _Optional[bool] = ..., status_code: _Optional[int] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., block_reason: _Optional[str] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., cache_write_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., units: _Optional[_Mapping[str, float]] = ..., cost_usd: _Optional[str] = ..., usage_flags: _Optional[_Iterable[str]] = ..., pricing_error: _Optional[str] = ..., latency_ms: _Optional[int] = ..., ttft_ms: _Optional[int] = ..., tags: _Optional[_Iterable[str]] = ..., limit_ids: _Optional[_Iterable[str]] = ..., use_case_id: _Optional[str] = ..., use_case_name: _Optional[str] = ..., use_case_version: _Optional[str] = ..., logging_disabled: _Optional[bool] = ..., upstream_base_uri: _Optional[str] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class StreamRecordsRequest(_message.Message):
     __slots__ = ("end_user_id", "since", "until", "limit")
