@@ -370,14 +370,12 @@ class Stack:
         if s.log_requests:
             observers.append(RequestLog())
         if s.otel_endpoint:
+            from tollgate.otel import OtelExporter
+
             try:
-                from tollgate.otel import OtelExporter
-            except ImportError as exc:
-                raise ConfigError(
-                    f"otel_endpoint is set but OpenTelemetry is not installed ({exc.name}):"
-                    " pip install 'tollgate[otel]'"
-                ) from None
-            exporter = OtelExporter(s.otel_endpoint, service_name=s.otel_service_name)
+                exporter = OtelExporter(s.otel_endpoint, service_name=s.otel_service_name)
+            except (ImportError, ValueError) as exc:
+                raise ConfigError(f"otel_endpoint: {exc}") from None
 
             def to_otel(records: Sequence[Any], costs: Sequence[Any]) -> None:
                 for record, cost in zip(records, costs, strict=True):

@@ -29,6 +29,7 @@ from tests.integration.conftest import (
     tollgate_env,
 )
 from tests.jwt_support import make_signing_key, sign
+from tests.otlp_receiver import OtlpReceiver, attributes
 from tollgate.localstack import EmbeddedPostgres
 
 pytestmark = pytest.mark.integration
@@ -309,3 +310,56 @@ def test_health_through_a_postgres_outage_and_a_full_journal(
         assert chat() == 200
     finally:
         process.terminate()
+
+
+def test_opentelemetry_spans_join_the_callers_trace_and_metrics_carry_no_user(
+    tmp_path: Path, database_url: str, fake_upstream: FakeUpstream
+) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    parent_id = "00f067aa0ba902b7"
+    with (
+        OtlpReceiver() as receiver,
+        running_tollgate(
+            tmp_path / "state", database_url, fake_upstream, otel_endpoint=receiver.endpoint
+        ) as running,
+    ):
+        client = openai.OpenAI(base_url=running.envoy_url, api_key="sk-test", max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={
+                "x-tollgate-user-id": "otel-user",
+                "traceparent": f"00-{trace_id}-{parent_id}-01",
+            },
+        )
+        request_id = raw.headers["x-tollgate-request-id"]
+        client.chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-tollgate-user-id": "otel-user-2"},
+        )
+        wait_shipped(running.env, 2)
+    # Stopping `up` flushed the exporter: everything has arrived.
+    spans = {attributes(s.attributes)["tollgate.request_id"]: s for s in receiver.spans()}
+    assert len(spans) == 2
+    joined = spans[request_id]
+    assert joined.trace_id.hex() == trace_id
+    assert joined.parent_span_id.hex() == parent_id
+    attrs = attributes(joined.attributes)
+    assert attrs["user.id"] == "otel-user"
+    assert attrs["gen_ai.request.model"] == "gpt-4o-mini"
+    assert attrs["gen_ai.provider.name"] == "openai"
+    assert attrs["gen_ai.usage.input_tokens"] > 0
+    assert attrs["tollgate.cost_usd"] > 0
+    other = next(s for rid, s in spans.items() if rid != request_id)
+    assert other.trace_id.hex() != trace_id
+    assert other.parent_span_id == b""
+    usage = receiver.last_metric("gen_ai.client.token.usage")
+    duration = receiver.last_metric("gen_ai.client.operation.duration")
+    assert usage is not None
+    assert duration is not None
+    points = list(usage.histogram.data_points)
+    assert {attributes(p.attributes)["gen_ai.token.type"] for p in points} == {"input", "output"}
+    assert sum(p.count for p in duration.histogram.data_points) == 2
+    raw_metrics = b"".join(receiver.raw["/v1/metrics"])
+    assert b"otel-user" not in raw_metrics

@@ -141,7 +141,7 @@ FLAG_TOTAL_MISMATCH = "total_mismatch"
 HUGE_TOKENS = 10**9  # more than any context window or answer a request can have
 
 
-def _family(record: usage_pb2.UsageRecord) -> str:
+def api_family(record: usage_pb2.UsageRecord) -> str:
     """Which usage shape the record's numbers follow: the parser family of its endpoint."""
     endpoint = record.endpoint
     if endpoint.endswith((":generateContent", ":streamGenerateContent")):
@@ -165,7 +165,7 @@ def usage_flags(record: usage_pb2.UsageRecord) -> list[str]:
         flags.add(FLAG_NEGATIVE)
     if any(v > HUGE_TOKENS for v in reported):
         flags.add(FLAG_HUGE)
-    family = _family(record)
+    family = api_family(record)
     inp, out, total = counts["input_tokens"], counts["output_tokens"], counts["total_tokens"]
     cached, written = counts["cached_input_tokens"], counts["cache_write_tokens"]
     reasoning = counts["reasoning_tokens"]
