@@ -41,6 +41,7 @@ protos: $(STAMP)
 envoy-configs: $(STAMP)
 	for target in local compose kubernetes; do \
 		$(BIN)/tollgate envoy-config --target $$target -o envoy/envoy-$$target.yaml; done
+	cp envoy/envoy-kubernetes.yaml deploy/kubernetes/base/envoy-kubernetes.yaml
 
 clean:
 	rm -rf $(VENV) .tollgate .mypy_cache .ruff_cache .pytest_cache
