@@ -17,9 +17,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import openai
 import psycopg
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.integration.conftest import FakeUpstream, TollgateProcess, tollgate_env
 from tollgate.config import load_settings
@@ -42,6 +44,14 @@ def readyz(metrics_address: str) -> int:
         return exc.code
 
 
+def grpc_health(address: str) -> int:
+    """The overall status Tollgate's gRPC health service reports (what Envoy or a gRPC
+    probe sees)."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return int(stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status)
+
+
 async def stream_once(client: openai.AsyncOpenAI, user: str) -> str:
     stream = await client.chat.completions.create(
         model="gpt-4o-mini",
@@ -60,10 +70,11 @@ async def stream_once(client: openai.AsyncOpenAI, user: str) -> str:
 
 
 async def load_and_signal(
-    base_url: str, proc: TollgateProcess, metrics_address: str
-) -> tuple[list[str | BaseException], str | BaseException, int, float]:
+    base_url: str, proc: TollgateProcess, metrics_address: str, grpc_address: str
+) -> tuple[list[str | BaseException], str | BaseException, tuple[int, int], float]:
     """Start the streams, SIGTERM ``proc`` mid-way, open one more stream during the delay;
-    the results, the late stream's, /readyz right after the signal, and when it was sent."""
+    the results, the late stream's, /readyz and gRPC health right after the signal, and when
+    it was sent."""
     client = openai.AsyncOpenAI(base_url=base_url, api_key="sk-test", max_retries=0, timeout=60)
     streams = [asyncio.create_task(stream_once(client, f"user-{i}")) for i in range(STREAMS)]
     await asyncio.sleep(1.5)  # all streams are under way (first chunks arrived)
@@ -71,24 +82,28 @@ async def load_and_signal(
     proc.proc.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.3)
     status = await asyncio.to_thread(readyz, metrics_address)
+    health = await asyncio.to_thread(grpc_health, grpc_address)
     late = asyncio.create_task(stream_once(client, "user-late"))
     results = await asyncio.gather(*streams, return_exceptions=True)
     late_result = (await asyncio.gather(late, return_exceptions=True))[0]
     await client.close()
-    return results, late_result, status, signalled
+    return results, late_result, (status, health), signalled
 
 
 def check_rollout(
     proc: TollgateProcess, base_url: str, env: dict[str, str], database_url: str
 ) -> None:
-    results, late, ready_status, signalled = asyncio.run(
-        load_and_signal(base_url, proc, env["TOLLGATE_METRICS_ADDRESS"])
+    results, late, (ready_status, health), signalled = asyncio.run(
+        load_and_signal(
+            base_url, proc, env["TOLLGATE_METRICS_ADDRESS"], env["TOLLGATE_GRPC_ADDRESS"]
+        )
     )
     failed = [r for r in results if isinstance(r, BaseException)]
     assert failed == [], f"{len(failed)} of {STREAMS} streams cut: {failed[:3]}"
     assert all(isinstance(r, str) and len(r) > 20 for r in results)
     assert isinstance(late, str), f"a stream opened during the delay was refused: {late!r}"
     assert ready_status == 503, "readiness did not turn 503 at SIGTERM"
+    assert health == health_pb2.HealthCheckResponse.NOT_SERVING
     code = proc.terminate(timeout_s=DELAY_S + GRACE_S + 15)
     elapsed = time.monotonic() - signalled
     assert code == 0, "".join(proc.output[-30:])
