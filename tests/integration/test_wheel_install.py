@@ -16,7 +16,9 @@ import glob
 import json
 import os
 import shutil
+import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -232,3 +234,56 @@ def test_the_installed_fake_provider_answers(installed: dict[str, Path]) -> None
             process.wait()
         if process.stderr:
             process.stderr.close()
+
+
+def test_the_installed_serve_starts_and_stops(
+    installed: dict[str, Path], database_url: str, tmp_path: Path
+) -> None:
+    """`tollgate serve` from the clean venv, with the image's own settings (unix socket,
+    metrics on TCP): it migrates the ledger, answers /healthz and /readyz, offers the ext_proc
+    socket owner-only, and exits 0 on SIGTERM."""
+    metrics = f"127.0.0.1:{_free_port()}"
+    socket_path = tmp_path / "run" / "extproc.sock"
+    socket_path.parent.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOLLGATE_", "PYTHON"))}
+    env.update(
+        TOLLGATE_DATABASE_URL=database_url,
+        TOLLGATE_STATE_DIR=str(tmp_path / "state"),
+        TOLLGATE_GRPC_ADDRESS=f"unix:{socket_path}",
+        TOLLGATE_METRICS_ADDRESS=metrics,
+        TOLLGATE_SHUTDOWN_DELAY_S="0",
+    )
+    process = subprocess.Popen(
+        [str(installed["venv"] / "bin" / "tollgate"), "serve"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        status = None
+        while status != 200:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            assert time.monotonic() < deadline, "serve never became ready"
+            try:
+                with urllib.request.urlopen(f"http://{metrics}/readyz", timeout=2) as r:
+                    status = r.status
+            except OSError:
+                time.sleep(0.2)
+        with urllib.request.urlopen(f"http://{metrics}/healthz", timeout=2) as r:
+            assert r.status == 200
+        assert stat.S_ISSOCK(socket_path.stat().st_mode)
+        assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        output = process.stdout.read() if process.stdout else ""
+        # serve logs JSON lines by default (the image's command).
+        assert any(line.startswith('{"ts"') for line in output.splitlines()), output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout:
+            process.stdout.close()
