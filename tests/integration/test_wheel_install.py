@@ -95,7 +95,12 @@ def _mapped(command: list[str], paths: dict[str, Path]) -> list[str]:
 
 
 def _run(command: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOLLGATE_", "VIRTUAL_ENV"))}
+    # A clean environment: nothing of this checkout's (PYTHONPATH) or venv's leaks in.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TOLLGATE_", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"))
+    }
     result = subprocess.run(
         command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
