@@ -219,10 +219,19 @@ def _model(record: usage_pb2.UsageRecord) -> str | None:
 
 def metric_attributes(record: usage_pb2.UsageRecord) -> dict[str, str] | None:
     """The attributes of the record's metric points, or None when it gets no metric."""
-    operation = operation_name(record)
-    if operation is None:
+    if operation_name(record) is None:
         return None
-    attrs = {OPERATION: operation, PROVIDER: provider_name(record)}
+    return _operation_attributes(record)
+
+
+def _operation_attributes(record: usage_pb2.UsageRecord) -> dict[str, str]:
+    """Operation (when it is one), provider, model and error type: what metrics and spans
+    share."""
+    attrs: dict[str, str] = {}
+    operation = operation_name(record)
+    if operation is not None:
+        attrs[OPERATION] = operation
+    attrs[PROVIDER] = provider_name(record)
     model = _model(record)
     if model is not None:
         attrs[REQUEST_MODEL] = model
@@ -274,17 +283,7 @@ def span_attributes(
     record: usage_pb2.UsageRecord, cost_usd: Decimal | str | None
 ) -> dict[str, str | int | float | bool | Sequence[str]]:
     """The span's attributes: the metric ones, the token breakdown, user and Tollgate ids."""
-    attrs: dict[str, str | int | float | bool | Sequence[str]] = {}
-    operation = operation_name(record)
-    if operation is not None:
-        attrs[OPERATION] = operation
-    attrs[PROVIDER] = provider_name(record)
-    model = _model(record)
-    if model is not None:
-        attrs[REQUEST_MODEL] = model
-    error = error_type(record)
-    if error is not None:
-        attrs[ERROR_TYPE] = error
+    attrs: dict[str, str | int | float | bool | Sequence[str]] = dict(_operation_attributes(record))
     inp, out = semconv_tokens(record)
     if inp is not None:
         attrs["gen_ai.usage.input_tokens"] = inp

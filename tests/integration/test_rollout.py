@@ -122,6 +122,16 @@ def check_rollout(
         assert output_tokens > 0, user
 
 
+def rollout_env(tmp_path: Path, database_url: str, fake: FakeUpstream) -> dict[str, str]:
+    return tollgate_env(
+        tmp_path / "state",
+        database_url=database_url,
+        upstream_url=fake.url,
+        shutdown_delay_s=str(DELAY_S),
+        shutdown_grace_s=str(GRACE_S),
+    )
+
+
 @pytest.fixture
 def envoy_for(tmp_path: Path) -> Iterator[list[EnvoyProcess]]:
     started: list[EnvoyProcess] = []
@@ -133,13 +143,7 @@ def envoy_for(tmp_path: Path) -> Iterator[list[EnvoyProcess]]:
 def test_sigterm_to_serve_drains_streams_and_ledger(
     tmp_path: Path, database_url: str, fake_upstream: FakeUpstream, envoy_for: list[EnvoyProcess]
 ) -> None:
-    env = tollgate_env(
-        tmp_path / "state",
-        database_url=database_url,
-        upstream_url=fake_upstream.url,
-        shutdown_delay_s=str(DELAY_S),
-        shutdown_grace_s=str(GRACE_S),
-    )
+    env = rollout_env(tmp_path, database_url, fake_upstream)
     settings = load_settings(environ=env)
     config = tmp_path / "envoy.yaml"
     config.write_text(render_yaml(settings, "local"))
@@ -159,13 +163,7 @@ def test_sigterm_to_serve_drains_streams_and_ledger(
 def test_sigterm_to_up_stops_its_envoy_after_the_streams(
     tmp_path: Path, database_url: str, fake_upstream: FakeUpstream
 ) -> None:
-    env = tollgate_env(
-        tmp_path / "state",
-        database_url=database_url,
-        upstream_url=fake_upstream.url,
-        shutdown_delay_s=str(DELAY_S),
-        shutdown_grace_s=str(GRACE_S),
-    )
+    env = rollout_env(tmp_path, database_url, fake_upstream)
     proc = TollgateProcess(["up"], env)
     try:
         proc.wait_for_line("tollgate is ready", timeout_s=60)
