@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# xds-protos ships an old copy of opentelemetry/proto that, installed last, shadows
+	@# opentelemetry-proto's (ADR 010): put opentelemetry-proto's files back.
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps \
+		"opentelemetry-proto==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 	@touch $(STAMP)
 
 demo: $(STAMP)

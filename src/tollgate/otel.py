@@ -269,6 +269,16 @@ def span_name(record: usage_pb2.UsageRecord) -> str:
     return f"{operation} {model}" if model else operation
 
 
+def _otel_protos_intact() -> bool:
+    """Whether ``opentelemetry.proto`` is opentelemetry-proto's own, not xds-protos' older
+    copy (both wheels carry that directory, so the one installed last wins)."""
+    try:
+        from opentelemetry.proto.common.v1 import common_pb2
+    except ImportError:
+        return True  # not installed at all: the extra is missing, not overwritten
+    return hasattr(common_pb2, "InstrumentationScope")
+
+
 def _cost(cost_usd: Decimal | str | None) -> float | None:
     if cost_usd is None or cost_usd == "":
         return None
@@ -370,6 +380,12 @@ class OtelExporter:
             from opentelemetry.trace import SpanKind, Status, StatusCode
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
         except ImportError as exc:
+            if not _otel_protos_intact():
+                raise ImportError(
+                    "opentelemetry/proto was overwritten by the older copy xds-protos ships "
+                    "(both packages install that directory; the last installed wins): run "
+                    "pip install --force-reinstall --no-deps opentelemetry-proto"
+                ) from exc
             raise ImportError(
                 "OpenTelemetry export needs the otel extra: pip install 'tollgate[otel]'"
             ) from exc
