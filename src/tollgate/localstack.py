@@ -94,15 +94,30 @@ class ChildProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = self.log_path.open("ab")
         sig = int(self.stop_signal)
-        self.process = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            preexec_fn=lambda: _die_with_parent(sig),
-            user=user,
-            env=env,
-        )
+        setpriv = shutil.which("setpriv") if user is None else None
+        if setpriv is not None:
+            # setpriv sets the death signal and execs the command, so Popen needs no
+            # preexec_fn and can spawn without fork(): a fork() runs the atfork handlers of
+            # gRPC threads already in this process, which can abort the child before its
+            # exec ("epoll_wait error: Bad file descriptor").
+            signame = signal.Signals(sig).name.removeprefix("SIG")
+            self.process = subprocess.Popen(
+                [setpriv, "--pdeathsig", signame, "--", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        else:
+            self.process = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                preexec_fn=lambda: _die_with_parent(sig),
+                user=user,
+                env=env,
+            )
         log.debug("started %s (pid %d): %s", self.name, self.process.pid, " ".join(args))
 
     @property
