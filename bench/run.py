@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +45,7 @@ from typing import IO, Any, Final, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
+import psutil
 import psycopg
 import yaml
 
@@ -155,6 +156,77 @@ class Measurement:
     duration_s: float
     warmup_ok: int
     ok_total: int
+    # CPU µs per completed request and RSS (MiB) at the end, per process group of the path
+    # (tollgate: its Python process, its Envoy, Postgres; bare: bare Envoy).
+    cpu_us_per_request: dict[str, float] | None = None
+    rss_mib: dict[str, float] | None = None
+
+
+# -- per-process CPU and memory (from /proc, via psutil) -------------------------------------
+
+# Which process groups each path exercises.
+PATH_GROUPS: Final = {
+    "direct": (),
+    "bare": ("bare_envoy",),
+    "tollgate": ("tollgate", "tollgate_envoy", "postgres"),
+}
+GROUP_LABELS: Final = {
+    "tollgate": "Tollgate",
+    "tollgate_envoy": "its Envoy",
+    "postgres": "Postgres",
+    "bare_envoy": "bare Envoy",
+}
+
+
+def _with_children(pid: int | None) -> list[psutil.Process]:
+    if pid is None:
+        return []
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _cpu_and_rss(procs: list[psutil.Process]) -> tuple[float, float]:
+    """Summed user+system CPU seconds and RSS MiB of ``procs`` (gone ones count 0)."""
+    cpu = rss = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            times = proc.cpu_times()
+            cpu += times.user + times.system
+            rss += proc.memory_info().rss / 2**20
+    return cpu, rss
+
+
+@dataclass
+class ProcessGroups:
+    """Finds each group's processes afresh at every snapshot (Postgres backends come and
+    go; a backend that exits between snapshots takes its CPU with it, so Postgres' figure is
+    a lower bound)."""
+
+    finders: dict[str, Callable[[], list[psutil.Process]]]
+
+    def snapshot(self, groups: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+        return {g: _cpu_and_rss(self.finders[g]()) for g in groups}
+
+
+def _envoy_children(pid: int | None) -> list[psutil.Process]:
+    return [p for p in _with_children(pid)[1:] if _name(p) == "envoy"]
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return str(proc.name())
+    except psutil.NoSuchProcess:
+        return ""
+
+
+def _postmaster_pid(data_dir: Path) -> int | None:
+    try:
+        return int((data_dir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class LoadGenerator(Protocol):
@@ -349,6 +421,10 @@ class TollgateUp:
         self.log_path = log_path
         self.proc: subprocess.Popen[str] | None = None
         self._lines: queue.Queue[str] = queue.Queue()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
         self._reader: threading.Thread | None = None
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -443,6 +519,7 @@ class Stack:
 
     urls: dict[str, str]
     database_url: str
+    processes: ProcessGroups
 
 
 @contextlib.contextmanager
@@ -456,6 +533,7 @@ def running_stack(work_dir: Path) -> Iterator[Stack]:
         postgres = EmbeddedPostgres(work_dir / "pgdata", log_path=work_dir / "postgres.log")
         stops.callback(postgres.stop)
         database_url = postgres.start()
+        pg_data = work_dir / "pgdata"
 
         bare_port = free_port()
         bare_config = work_dir / "bare-envoy" / "envoy.yaml"
@@ -488,6 +566,14 @@ def running_stack(work_dir: Path) -> Iterator[Stack]:
                 "tollgate": f"http://127.0.0.1:{tollgate_port}{CHAT_PATH}",
             },
             database_url=database_url,
+            processes=ProcessGroups(
+                {
+                    "tollgate": lambda: _with_children(tollgate.pid)[:1],
+                    "tollgate_envoy": lambda: _envoy_children(tollgate.pid),
+                    "postgres": lambda: _with_children(_postmaster_pid(pg_data.resolve())),
+                    "bare_envoy": lambda: _with_children(bare.pid)[:1],
+                }
+            ),
         )
 
 
@@ -516,7 +602,16 @@ def measure_all(plan: Plan, stack: Stack, load: LoadGenerator) -> list[Measureme
                 warmup_ok = 0
                 if plan.warmup_s > 0:
                     warmup_ok = load.run(url, scenario, concurrency, plan.warmup_s).ok_total
+                groups = PATH_GROUPS[path]
+                before = stack.processes.snapshot(groups)
                 stats = load.run(url, scenario, concurrency, plan.duration_s)
+                after = stack.processes.snapshot(groups)
+                cpu = {
+                    g: (after[g][0] - before[g][0]) * 1e6 / stats.completed
+                    for g in groups
+                    if stats.completed
+                }
+                rss = {g: after[g][1] for g in groups}
                 m = Measurement(
                     scenario=scenario.name,
                     concurrency=concurrency,
@@ -530,6 +625,8 @@ def measure_all(plan: Plan, stack: Stack, load: LoadGenerator) -> list[Measureme
                     duration_s=stats.duration_s,
                     warmup_ok=warmup_ok,
                     ok_total=stats.ok_total,
+                    cpu_us_per_request=cpu or None,
+                    rss_mib=rss or None,
                 )
                 results.append(m)
                 print(
@@ -638,7 +735,45 @@ def markdown(
             f"| {r['scenario']} | {r['concurrency']} | {names[r['comparison']]} "
             f"| {_x(r['throughput_ratio'])} | {_x(r['p50_ratio'])} | {_x(r['p99_ratio'])} |"
         )
+    lines += cpu_lines(results)
     return "\n".join(lines) + "\n"
+
+
+def cpu_lines(results: list[Measurement]) -> list[str]:
+    """Per scenario and concurrency: added p50, CPU µs per request of each process (from
+    /proc, over the measured window) and their RSS at its end."""
+    by_key = {(m.scenario, m.concurrency, m.path): m for m in results}
+    lines = [
+        "",
+        "Cost per request (CPU µs per completed request over the measured window, from /proc;"
+        " RSS at its end):",
+        "",
+        "| scenario | conc. | added p50 ms | Tollgate µs | its Envoy µs | bare Envoy µs "
+        "| Envoy ratio | Postgres µs | RSS MiB (Tollgate / its Envoy) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (scenario, concurrency, path), m in by_key.items():
+        if path != "tollgate":
+            continue
+        bare = by_key.get((scenario, concurrency, "bare"))
+        cpu, rss = m.cpu_us_per_request or {}, m.rss_mib or {}
+        bare_cpu = (bare.cpu_us_per_request or {}).get("bare_envoy") if bare else None
+        added = (
+            m.p50_ms - bare.p50_ms
+            if bare and m.p50_ms is not None and bare.p50_ms is not None
+            else None
+        )
+
+        def us(value: float | None) -> str:
+            return "-" if value is None else f"{value:.0f}"
+
+        lines.append(
+            f"| {scenario} | {concurrency} | {_ms(added)} | {us(cpu.get('tollgate'))} "
+            f"| {us(cpu.get('tollgate_envoy'))} | {us(bare_cpu)} "
+            f"| {_x(_ratio(cpu.get('tollgate_envoy'), bare_cpu))} | {us(cpu.get('postgres'))} "
+            f"| {rss.get('tollgate', 0):.0f} / {rss.get('tollgate_envoy', 0):.0f} |"
+        )
+    return lines
 
 
 def ledger_summary(ledger: dict[str, Any]) -> str:
