@@ -31,7 +31,7 @@ from grpc_health.v1.health import aio as health_aio
 from psycopg_pool import AsyncConnectionPool
 
 from tollgate.config import ConfigError, Settings, mask_dsn
-from tollgate.envoyadmin import active_requests, start_drain
+from tollgate.envoyadmin import start_drain, wait_until_idle
 from tollgate.envoyconf import render_yaml
 from tollgate.extproc.processor import PolicyConfig, ProcessorContext, RequestProcessor
 from tollgate.extproc.server import ExternalProcessorServicer
@@ -316,8 +316,14 @@ class Stack:
         deadline = loop.time() + s.shutdown_grace_s
         if r.envoy is not None:
             # Envoy's requests (each an ext_proc stream here) end before Envoy stops.
-            while loop.time() < deadline and await self._envoy_busy(r.envoy):  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
+            extproc = r.extproc
+            await asyncio.to_thread(
+                wait_until_idle,
+                r.envoy.admin_url(),
+                max(deadline - loop.time(), 0.0),
+                0.05,
+                lambda: bool(extproc is not None and extproc.active_streams),
+            )
             await asyncio.to_thread(r.envoy.stop)
         if r.grpc_server is not None:
             # New streams are refused from here; in-flight ones get what is left of the grace.
@@ -325,15 +331,6 @@ class Stack:
         active = r.extproc.active_streams if r.extproc is not None else 0
         if active:
             log.warning("%d ext_proc streams were still open after the grace period", active)
-
-    async def _envoy_busy(self, envoy: EnvoyProcess) -> bool:
-        extproc = self._r.extproc
-        if extproc is not None and extproc.active_streams:
-            return True
-        try:
-            return await asyncio.to_thread(active_requests, envoy.admin_url()) > 0
-        except OSError:
-            return False
 
     def _teardown(self, what: str, step: Callable[[], Awaitable[None] | None]) -> None:
         """Register ``step`` to run at stop; if it fails, log that and go on with the rest."""

@@ -14,8 +14,9 @@ import json
 import logging
 import time
 import urllib.request
+from collections.abc import Callable
 
-__all__ = ["active_requests", "drain_envoy", "start_drain"]
+__all__ = ["active_requests", "drain_envoy", "start_drain", "wait_until_idle"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,26 @@ def active_requests(admin_address: str, timeout_s: float = 5.0) -> int:
     return 0
 
 
+def wait_until_idle(
+    admin_address: str,
+    timeout_s: float,
+    poll_s: float = 0.1,
+    also_busy: Callable[[], bool] = lambda: False,
+) -> int:
+    """Wait up to ``timeout_s`` until Envoy has no active downstream request (and
+    ``also_busy`` says nothing else is in flight); return how many Envoy still had at the
+    end (0: idle). An Envoy that is gone counts as idle."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            active = active_requests(admin_address)
+        except OSError:
+            active = 0
+        if (active == 0 and not also_busy()) or time.monotonic() >= deadline:
+            return active
+        time.sleep(poll_s)
+
+
 def drain_envoy(admin_address: str, timeout_s: float, poll_s: float = 0.1) -> int:
     """Drain Envoy and wait up to ``timeout_s`` for its requests to end; return how many
     were still active at the end (0: drained). An Envoy that is gone counts as drained."""
@@ -56,12 +77,4 @@ def drain_envoy(admin_address: str, timeout_s: float, poll_s: float = 0.1) -> in
     except OSError as exc:
         log.warning("envoy at %s did not take the drain request: %s", admin_address, exc)
         return 0
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            active = active_requests(admin_address)
-        except OSError:
-            return 0
-        if active == 0 or time.monotonic() >= deadline:
-            return active
-        time.sleep(poll_s)
+    return wait_until_idle(admin_address, timeout_s, poll_s)

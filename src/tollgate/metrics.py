@@ -136,7 +136,10 @@ class StackCollector(Collector):
             value=stats.pricing_errors,
         )
         yield GaugeMetricFamily(
-            "tollgate_ledger_queue_depth", "Records waiting for the writer", value=writer.pending
+            "tollgate_ledger_queue_depth",
+            "Records waiting for the writer (the older name of"
+            " tollgate_ledger_unshipped_records, same value)",
+            value=writer.pending,
         )
         yield GaugeMetricFamily(
             "tollgate_ledger_unshipped_records",

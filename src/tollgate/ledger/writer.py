@@ -128,7 +128,6 @@ class WriterStats:
     replayed: int = 0
     dead_letters: int = 0
     skipped: int = 0  # undecodable journal records passed over
-    outcomes: Counter[str] = field(default_factory=Counter)
     # Submitted requests by (outcome, provider, model, endpoint); model and endpoint come
     # from clients, so their number is capped.
     requests: BoundedCounter = field(default_factory=lambda: BoundedCounter(keep=(0, 1)))
@@ -139,7 +138,6 @@ class WriterStats:
     def count_submitted(self, record: UsageRecord) -> None:
         self.submitted += 1
         outcome = OUTCOME_NAMES.get(record.outcome, "unknown")
-        self.outcomes[outcome] += 1
         self.requests.add((outcome, record.provider, record.model, record.endpoint))
         if record.outcome == usage_pb2.OUTCOME_BLOCKED:
             self.refusals[record.block_reason or "unknown"] += 1
