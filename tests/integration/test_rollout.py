@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.integration.conftest import FakeUpstream, TollgateProcess, tollgate_env
 from tollgate.config import load_settings
 from tollgate.envoyconf import render_yaml
-from tollgate.localstack import EnvoyProcess
+from tollgate.localstack import EnvoyProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -172,3 +175,38 @@ def test_sigterm_to_up_stops_its_envoy_after_the_streams(
     finally:
         if proc.proc.poll() is None:
             proc.terminate()
+
+
+def listener_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return False
+    return True
+
+
+def test_envoy_drain_command_drains_a_real_envoy(
+    tmp_path: Path, envoy_for: list[EnvoyProcess]
+) -> None:
+    """`tollgate envoy-drain` (the gateway's preStop hook) against a real, idle Envoy: the
+    command exits 0 at once (nothing in flight), and Envoy closes its listener once its drain
+    time (1 s here) is over."""
+    settings = load_settings(environ={}, envoy_listen_port=free_port(), envoy_admin_port=0)
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render_yaml(settings, "local"))
+    envoy = EnvoyProcess(config, log_path=tmp_path / "envoy.log")
+    envoy_for.append(envoy)
+    envoy.start(drain_time_s=1)
+    assert listener_open(settings.envoy_listen_port)
+    admin = envoy.admin_url().removeprefix("http://")
+    command = [sys.executable, "-m", "tollgate", "envoy-drain", "--admin-address", admin]
+    done = subprocess.run(
+        [*command, "--timeout-s", "5"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "envoy drained" in done.stdout
+    deadline = time.monotonic() + 10
+    while listener_open(settings.envoy_listen_port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not listener_open(settings.envoy_listen_port), "Envoy never closed its listener"
+    assert envoy.running(), "the drain stopped Envoy instead of draining it"
