@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -51,9 +51,52 @@ class LocalStackError(RuntimeError):
     """A local child process (Postgres, Envoy, fake provider) failed to start or answer."""
 
 
+_EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_CHOSEN_PORT = 10000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in _EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+def _candidate_ports(tries: int = 200) -> Iterator[int]:
+    """Random ports outside the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` is also one it may pick as the *source*
+    port of any outgoing connection (a Postgres client, Envoy dialling upstream) in the
+    moment between our probe and the child's own bind; ports outside that range are only
+    ever taken by an explicit bind, so the probe stays true until the child uses it.
+    """
+    low, high = _ephemeral_range()
+    pool = [(_LOWEST_CHOSEN_PORT, low - 1), (high + 1, 65535)]
+    spans = [(a, b) for a, b in pool if b >= a]
+    rng = secrets.SystemRandom()
+    weights = [b - a + 1 for a, b in spans]
+    for _ in range(tries if spans else 0):
+        a, b = rng.choices(spans, weights)[0]
+        yield rng.randint(a, b)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port free on ``host`` now, outside the ephemeral range, never returned twice
+    by this process."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for port in _candidate_ports():
+        if port in _handed_out:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket(family, socket.SOCK_STREAM) as s:  # nothing found: let the kernel pick
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
