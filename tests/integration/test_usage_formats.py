@@ -26,7 +26,7 @@ from tests.integration.conftest import (
     running_tollgate,
     wait_for_rows,
 )
-from tollgate.providers.usage import TOKEN_FIELDS
+from tollgate.metering.usage import TOKEN_FIELDS
 
 pytestmark = pytest.mark.integration
 

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tollgate.providers.anthropic_messages import AnthropicMessagesParser
-from tollgate.providers.bedrock import BedrockConverseParser
-from tollgate.providers.framing import JsonOrSSEParser
-from tollgate.providers.gemini import GeminiParser, _JsonObjects
-from tollgate.providers.usage import ParsedResponse, RequestFacts, TokenUsage
+from tollgate.metering.anthropic_messages import AnthropicMessagesParser
+from tollgate.metering.bedrock import BedrockConverseParser
+from tollgate.metering.framing import JsonOrSSEParser
+from tollgate.metering.gemini import GeminiParser, _JsonObjects
+from tollgate.metering.usage import ParsedResponse, RequestFacts, TokenUsage
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 

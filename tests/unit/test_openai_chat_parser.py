@@ -7,8 +7,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tollgate.providers.openai_chat import OpenAIChatParser
-from tollgate.providers.usage import TokenUsage
+from tollgate.metering.openai_chat import OpenAIChatParser
+from tollgate.metering.usage import TokenUsage
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "openai"
 STREAM = (FIXTURES / "chat_stream_include_usage.sse").read_bytes()

@@ -12,13 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tollgate.providers.framing import JsonOrSSEParser
-from tollgate.providers.openai_audio import OpenAISpeechParser, OpenAITranscriptionParser
-from tollgate.providers.openai_completions import OpenAICompletionsParser
-from tollgate.providers.openai_embeddings import OpenAIEmbeddingsParser
-from tollgate.providers.openai_images import OpenAIImagesParser
-from tollgate.providers.openai_responses import OpenAIResponsesParser, responses_usage
-from tollgate.providers.usage import ParsedResponse, RequestFacts, TokenUsage
+from tollgate.metering.framing import JsonOrSSEParser
+from tollgate.metering.openai_audio import OpenAISpeechParser, OpenAITranscriptionParser
+from tollgate.metering.openai_completions import OpenAICompletionsParser
+from tollgate.metering.openai_embeddings import OpenAIEmbeddingsParser
+from tollgate.metering.openai_images import OpenAIImagesParser
+from tollgate.metering.openai_responses import OpenAIResponsesParser, responses_usage
+from tollgate.metering.usage import ParsedResponse, RequestFacts, TokenUsage
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "openai"
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from tollgate.providers import parser_for, wants_request_body
-from tollgate.providers.anthropic_messages import AnthropicMessagesParser
-from tollgate.providers.bedrock import BedrockConverseParser
-from tollgate.providers.gemini import GeminiParser
-from tollgate.providers.openai_audio import OpenAISpeechParser, OpenAITranscriptionParser
-from tollgate.providers.openai_chat import OpenAIChatParser
-from tollgate.providers.openai_completions import OpenAICompletionsParser
-from tollgate.providers.openai_embeddings import OpenAIEmbeddingsParser
-from tollgate.providers.openai_images import OpenAIImagesParser
-from tollgate.providers.openai_responses import OpenAIResponsesParser
-from tollgate.providers.usage import RequestFacts
+from tollgate.metering import parser_for, wants_request_body
+from tollgate.metering.anthropic_messages import AnthropicMessagesParser
+from tollgate.metering.bedrock import BedrockConverseParser
+from tollgate.metering.gemini import GeminiParser
+from tollgate.metering.openai_audio import OpenAISpeechParser, OpenAITranscriptionParser
+from tollgate.metering.openai_chat import OpenAIChatParser
+from tollgate.metering.openai_completions import OpenAICompletionsParser
+from tollgate.metering.openai_embeddings import OpenAIEmbeddingsParser
+from tollgate.metering.openai_images import OpenAIImagesParser
+from tollgate.metering.openai_responses import OpenAIResponsesParser
+from tollgate.metering.usage import RequestFacts
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tollgate.providers.sse import SSEDecoder, SSEEvent, SSEEventFilter
+from tollgate.metering.sse import SSEDecoder, SSEEvent, SSEEventFilter
 
 STREAM = (
     b": keep-alive comment\r\n"

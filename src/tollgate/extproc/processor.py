@@ -34,6 +34,10 @@ from tollgate.extproc.request_body import (
     read_json_body,
 )
 from tollgate.ledger.records import UsageRecord, new_request_id
+from tollgate.metering import ParsedResponse, UsageParser, parser_for, wants_request_body
+from tollgate.metering.decoding import DecodingParser, decoder_wbits
+from tollgate.metering.sse import SSEEventFilter
+from tollgate.metering.usage import TOKEN_FIELDS, RequestFacts
 from tollgate.policy.attribution import (
     RequestAttribution,
     ambiguous_credential,
@@ -53,10 +57,6 @@ from tollgate.policy.identity import (
 from tollgate.policy.keys import GatewayKey
 from tollgate.policy.refusal import PolicyRefusal
 from tollgate.policy.text import safe_text
-from tollgate.providers import ParsedResponse, UsageParser, parser_for, wants_request_body
-from tollgate.providers.decoding import DecodingParser, decoder_wbits
-from tollgate.providers.sse import SSEEventFilter
-from tollgate.providers.usage import TOKEN_FIELDS, RequestFacts
 from tollgate.routing.envoy_headers import UPSTREAM_HOST_HEADER, UPSTREAM_SCHEME_HEADER
 from tollgate.routing.providers import CLIENT_AUTH_HEADERS
 from tollgate.routing.router import Route, Router

@@ -10,7 +10,7 @@ from datetime import UTC
 from decimal import Decimal
 from typing import Any
 
-from tollgate.providers.usage import TOKEN_FIELDS
+from tollgate.metering.usage import TOKEN_FIELDS
 from tollgate.v1 import usage_pb2
 
 __all__ = [

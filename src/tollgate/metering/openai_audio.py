@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tollgate.providers.framing import JsonOrSSEParser
-from tollgate.providers.openai_responses import responses_usage
+from tollgate.metering.framing import JsonOrSSEParser
+from tollgate.metering.openai_responses import responses_usage
 
 __all__ = ["OpenAISpeechParser", "OpenAITranscriptionParser"]
 

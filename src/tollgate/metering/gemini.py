@@ -38,9 +38,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from tollgate.providers.framing import JsonOrSSEParser, as_int
-from tollgate.providers.sse import SSEDecoder
-from tollgate.providers.usage import TokenUsage
+from tollgate.metering.framing import JsonOrSSEParser, as_int
+from tollgate.metering.sse import SSEDecoder
+from tollgate.metering.usage import TokenUsage
 
 __all__ = ["GeminiParser", "gemini_usage"]
 

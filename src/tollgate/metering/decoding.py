@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 
-from tollgate.providers.usage import ParsedResponse, UsageParser
+from tollgate.metering.usage import ParsedResponse, UsageParser
 
 __all__ = ["DecodingParser", "decoder_wbits"]
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tollgate.metering.sse import SSEDecoder, SSEEvent
+from tollgate.metering.usage import ParsedResponse, RequestFacts, TokenUsage
 from tollgate.policy.text import safe_text
-from tollgate.providers.sse import SSEDecoder, SSEEvent
-from tollgate.providers.usage import ParsedResponse, RequestFacts, TokenUsage
 
 __all__ = ["MAX_JSON_BYTES", "JsonOrSSEParser", "as_int"]
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tollgate.providers.framing import JsonOrSSEParser, as_int
-from tollgate.providers.usage import TokenUsage
+from tollgate.metering.framing import JsonOrSSEParser, as_int
+from tollgate.metering.usage import TokenUsage
 
 __all__ = ["BedrockConverseParser", "bedrock_usage"]
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tollgate.providers.framing import JsonOrSSEParser
-from tollgate.providers.openai_chat import openai_usage
+from tollgate.metering.framing import JsonOrSSEParser
+from tollgate.metering.openai_chat import openai_usage
 
 __all__ = ["OpenAICompletionsParser"]
 

@@ -16,9 +16,9 @@ import json
 import re
 from typing import Any
 
-from tollgate.providers.framing import JsonOrSSEParser
-from tollgate.providers.openai_chat import openai_usage
-from tollgate.providers.usage import ParsedResponse
+from tollgate.metering.framing import JsonOrSSEParser
+from tollgate.metering.openai_chat import openai_usage
+from tollgate.metering.usage import ParsedResponse
 
 __all__ = ["OpenAIEmbeddingsParser"]
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tollgate.providers.framing import JsonOrSSEParser
-from tollgate.providers.openai_responses import responses_usage
+from tollgate.metering.framing import JsonOrSSEParser
+from tollgate.metering.openai_responses import responses_usage
 
 __all__ = ["OpenAIImagesParser"]
 
