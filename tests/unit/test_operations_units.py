@@ -13,7 +13,7 @@ import pytest
 
 from tollgate.config import load_settings
 from tollgate.envoyconf import CONTAINER_EXTPROC_SOCKET, extproc_address
-from tollgate.extproc.processor import _traceparent
+from tollgate.ledger.build import traceparent as _traceparent
 from tollgate.logs import JsonFormatter, TextFormatter, configure_logging
 from tollgate.observe import RequestLog, UsageCounters, request_fields
 from tollgate.stats import OTHER, BoundedCounter, Histogram, HistogramFamily

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,11 +31,12 @@ from tollgate.extproc.request_body import (
     multipart_field,
     read_json_body,
 )
+from tollgate.ledger.build import fill_attribution, fill_usage, traceparent
 from tollgate.ledger.records import UsageRecord, new_request_id
 from tollgate.metering import ParsedResponse, UsageParser, parser_for, wants_request_body
 from tollgate.metering.decoding import DecodingParser, decoder_wbits
 from tollgate.metering.sse import SSEEventFilter
-from tollgate.metering.usage import TOKEN_FIELDS, RequestFacts
+from tollgate.metering.usage import RequestFacts
 from tollgate.policy.attribution import (
     RequestAttribution,
     ambiguous_credential,
@@ -57,8 +56,7 @@ from tollgate.policy.identity import (
 from tollgate.policy.keys import GatewayKey
 from tollgate.policy.refusal import PolicyRefusal
 from tollgate.policy.text import safe_text
-from tollgate.routing.envoy_headers import UPSTREAM_HOST_HEADER, UPSTREAM_SCHEME_HEADER
-from tollgate.routing.providers import CLIENT_AUTH_HEADERS
+from tollgate.routing.mutation import route_mutation
 from tollgate.routing.router import Route, Router
 from tollgate.v1 import usage_pb2
 
@@ -82,11 +80,6 @@ BODY_LOG_BYTES = 4096
 _FORM_MODEL_ENDPOINTS = ("/audio/transcriptions", "/audio/translations")
 # Endpoints whose streams report usage only when asked (`stream_options.include_usage`).
 _INCLUDE_USAGE_ENDPOINTS = ("/chat/completions", "/completions")
-# What a UsageRecord's int64 token fields can hold.
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-# usage_flags this module sets: a reported value that cannot be stored was left unset.
-FLAG_OUT_OF_RANGE_TOKENS = "out_of_range_tokens"
-FLAG_OUT_OF_RANGE_UNITS = "out_of_range_units"
 # The answer to a request Tollgate failed on while the client has had no response yet.
 _INTERNAL_ERROR_MESSAGE = (
     "Tollgate failed while processing this request; its operator can find it by the "
@@ -165,16 +158,6 @@ class ProcessorContext:
     keys: KeyLookup = field(default_factory=_NoKeys)
     monotonic_ns: Callable[[], int] = field(default=time.monotonic_ns)
     wall_ns: Callable[[], int] = field(default=time.time_ns)
-
-
-_TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
-
-
-def _traceparent(value: bytes | None) -> str | None:
-    """A W3C ``traceparent`` of the version-00 shape, else None (never stored as sent)."""
-    if value is None or not _TRACEPARENT.fullmatch(value.strip()):
-        return None
-    return value.strip().decode("ascii")
 
 
 def header_map(headers: ep.HttpHeaders, repeated: set[str] | None = None) -> dict[str, bytes]:
@@ -407,54 +390,15 @@ class RequestProcessor:
         self._route = route
 
     def _route_mutation(self) -> tuple[list[str], list[tuple[str, bytes]]]:
-        """Headers to remove and set so Envoy sends the request where its route says, with
-        the credentials its key's mode calls for."""
-        route = self._route
-        assert route is not None
-        headers = self._headers
-        remove: list[str] = []
-        set_headers: list[tuple[str, bytes]] = [
-            (UPSTREAM_HOST_HEADER, route.base.authority.encode()),
-            (UPSTREAM_SCHEME_HEADER, route.base.scheme.encode()),
-        ]
-        if route.path != self._path:
-            set_headers.append((":path", route.path.encode()))
-        if self._body_decoded:
-            remove.append("content-encoding")
-        provider = route.credentials
-        key = self._key
-        if key is not None and key.inject_credentials:
-            credential = provider.credential_header() if provider is not None else None
-            if provider is not None and provider.needs_credential and credential is None:
-                raise PolicyRefusal.provider_credentials_missing(provider.name)
-            if credential is not None:
-                set_headers.append(credential)
-            # The app's own credentials never travel with an injected one (or to a custom
-            # base URI); the gateway key itself was stripped with the attribution headers.
-            remove += [
-                name
-                for name in CLIENT_AUTH_HEADERS
-                if name in headers
-                and name not in self._attribution.strip
-                and (credential is None or name != credential[0])
-            ]
-            # Look-alikes of credential names (x_api_key) too: many servers read "_" as "-".
-            remove += [
-                name
-                for name in headers
-                if "_" in name and name.replace("_", "-") in CLIENT_AUTH_HEADERS
-            ]
-        # Forwarded headers go now that the route is settled: never one its provider's
-        # headers set (the credential headers were refused when they were read).
-        own = {name for name, _ in provider.headers} if provider is not None else set()
-        set_headers += [
-            (name, value) for name, value in self._attribution.forwards if name not in own
-        ]
-        if provider is not None:
-            set_headers += [
-                (name, value.encode()) for name, value in provider.headers if name not in headers
-            ]
-        return remove, set_headers
+        assert self._route is not None
+        return route_mutation(
+            self._route,
+            path=self._path,
+            headers=self._headers,
+            key=self._key,
+            attribution=self._attribution,
+            body_decoded=self._body_decoded,
+        )
 
     def _header_candidates(
         self, headers: dict[str, bytes], metadata: base_pb2.Metadata | None
@@ -688,9 +632,9 @@ class RequestProcessor:
         if self._endpoint is not None:
             record.endpoint = self._endpoint
         if self._ctx.policy.keep_traceparent:
-            traceparent = _traceparent(self._headers.get("traceparent"))
-            if traceparent is not None:
-                record.traceparent = traceparent
+            parent = traceparent(self._headers.get("traceparent"))
+            if parent is not None:
+                record.traceparent = parent
         if self._status is not None:
             record.status_code = self._status
         if self._identity is not None:
@@ -700,16 +644,7 @@ class RequestProcessor:
             record.key_id = self._key.key_id
         if self._block_reason is not None:
             record.block_reason = self._block_reason
-        att = self._attribution
-        record.tags.extend(att.tags)
-        record.limit_ids.extend(att.limit_ids)
-        record.logging_disabled = att.logging_disabled
-        if att.use_case_id is not None:
-            record.use_case_id = att.use_case_id
-        if att.use_case_name is not None:
-            record.use_case_name = att.use_case_name
-        if att.use_case_version is not None:
-            record.use_case_version = att.use_case_version
+        fill_attribution(record, self._attribution)
         if self._first_byte_ns is not None and self._streamed:
             record.ttft_ms = (self._first_byte_ns - self._started_ns) // 1_000_000
         route = self._route
@@ -718,31 +653,12 @@ class RequestProcessor:
             record.upstream_base_uri = route.base_uri
         # The model: what Azure's route-as-resource header names (deployments hide it), else
         # what the provider answered, else what the request asked for.
-        model = att.route_as_resource or (parsed.model if parsed else None) or self._request_model
+        model = (
+            self._attribution.route_as_resource
+            or (parsed.model if parsed else None)
+            or self._request_model
+        )
         if model:
             record.model = model
         if parsed is not None:
-            units_dropped = False
-            for unit, amount in parsed.units.items():
-                try:
-                    number = float(amount)
-                except OverflowError:
-                    number = math.inf
-                if math.isfinite(number):
-                    record.units[unit] = number
-                else:
-                    units_dropped = True
-            usage = parsed.usage
-            tokens_dropped = False
-            for name in TOKEN_FIELDS:
-                value = getattr(usage, name)
-                if value is None:
-                    continue
-                if _INT64_MIN <= value <= _INT64_MAX:
-                    setattr(record, name, value)
-                else:
-                    tokens_dropped = True
-            if tokens_dropped:
-                record.usage_flags.append(FLAG_OUT_OF_RANGE_TOKENS)
-            if units_dropped:
-                record.usage_flags.append(FLAG_OUT_OF_RANGE_UNITS)
+            fill_usage(record, parsed)
