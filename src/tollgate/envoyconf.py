@@ -83,6 +83,8 @@ from envoy_data_plane.envoy.extensions.clusters.dynamic_forward_proxy.v3 import 
     ClusterConfig as ForwardProxyClusterConfig,
 )
 from envoy_data_plane.envoy.extensions.common.dynamic_forward_proxy.v3 import DnsCacheConfig
+from envoy_data_plane.envoy.extensions.common.matching.v3 import ExtensionWithMatcher
+from envoy_data_plane.envoy.extensions.filters.common.matcher.action.v3 import SkipFilter
 from envoy_data_plane.envoy.extensions.filters.http.dynamic_forward_proxy.v3 import (
     FilterConfig as ForwardProxyFilterConfig,
 )
@@ -98,6 +100,13 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ProcessingMode,
     ProcessingModeBodySendMode,
     ProcessingModeHeaderSendMode,
+)
+from envoy_data_plane.envoy.extensions.filters.http.json_to_metadata.v3 import (
+    JsonToMetadata,
+    JsonToMetadataKeyValuePair,
+    JsonToMetadataMatchRules,
+    JsonToMetadataRule,
+    JsonToMetadataSelector,
 )
 from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
     JwksAsyncFetch,
@@ -133,9 +142,31 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
+from envoy_data_plane.envoy.type.matcher.v3 import (
+    HttpRequestHeaderMatchInput,
+    RegexMatcher,
+    StringMatcher,
+)
 from envoy_data_plane.google.protobuf import Any as AnyProto
-from envoy_data_plane.google.protobuf import Empty
+from envoy_data_plane.google.protobuf import Empty, ListValue, NullValue, Value
+from envoy_data_plane.xds.core.v3 import TypedExtensionConfig as XdsExtension
+from envoy_data_plane.xds.type.matcher.v3 import (
+    Matcher as XdsMatcher,
+)
+from envoy_data_plane.xds.type.matcher.v3 import (
+    MatcherMatcherList,
+    MatcherMatcherListFieldMatcher,
+    MatcherMatcherListPredicate,
+    MatcherMatcherListPredicateSinglePredicate,
+    MatcherOnMatch,
+    RegexMatcherGoogleRe2,
+)
+from envoy_data_plane.xds.type.matcher.v3 import (
+    RegexMatcher as XdsRegexMatcher,
+)
+from envoy_data_plane.xds.type.matcher.v3 import (
+    StringMatcher as XdsStringMatcher,
+)
 
 from tollgate.config import Settings
 from tollgate.extproc.edge_limits import (
@@ -145,6 +176,7 @@ from tollgate.extproc.edge_limits import (
     MUTATION_HEADROOM_COUNT,
     MUTATION_HEADROOM_KB,
 )
+from tollgate.extproc.plan import FACT_RULES, REQUEST_FACTS_NAMESPACE
 from tollgate.policy.identity import JWT_METADATA_NAMESPACE, JWT_PAYLOAD_KEY
 from tollgate.routing.envoy_headers import UPSTREAM_HOST_HEADER, UPSTREAM_SCHEME_HEADER
 
@@ -190,6 +222,10 @@ EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 #: A second ext_proc filter that only reports Envoy's own answers to requests Tollgate's
 #: ext_proc never saw (see :func:`_local_reply_observer`).
 LOCAL_REPLY_OBSERVER_FILTER = "tollgate.local_reply_observer"
+#: Reads the request body's facts for ext_proc (see :mod:`tollgate.extproc.plan`).
+REQUEST_FACTS_FILTER = "envoy.filters.http.json_to_metadata"
+#: It reads bodies of fewer than 10**REQUEST_FACTS_MAX_DIGITS bytes (10 MB).
+REQUEST_FACTS_MAX_DIGITS = 7
 
 #: Envoy's own local replies, by ``%RESPONSE_CODE_DETAILS%``: (status, CEL condition on the
 #: details, code, message). Tollgate's own ImmediateResponses carry its error code as details
@@ -540,14 +576,86 @@ def _ext_proc_filter(settings: Settings) -> HttpFilter:
         # Tollgate asks for bodies per request (SSE streamed, JSON buffered).
         allow_mode_override=True,
     )
+    # The request-headers message carries in its metadata_context what json_to_metadata read
+    # from the body, and the verified JWT payload.
+    namespaces = [REQUEST_FACTS_NAMESPACE]
     if settings.jwt_issuer:
-        # The verified JWT payload arrives in the request-headers message's metadata_context.
-        ext_proc.metadata_options = MetadataOptions(
-            forwarding_namespaces=MetadataOptionsMetadataNamespaces(
-                untyped=[JWT_METADATA_NAMESPACE]
-            )
-        )
+        namespaces.append(JWT_METADATA_NAMESPACE)
+    ext_proc.metadata_options = MetadataOptions(
+        forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=namespaces)
+    )
     return HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyProto.pack(ext_proc))
+
+
+def _request_facts_filter() -> HttpFilter:
+    """json_to_metadata before ext_proc: the request body's facts, read in C++.
+
+    For an ``application/json`` body it holds the headers until the body is complete (as
+    ext_proc's buffered mode did), then writes each fact of :data:`FACT_RULES` under
+    :data:`REQUEST_FACTS_NAMESPACE`: its value when it is a scalar, null when missing, a list
+    when the body could not be parsed. ext_proc then gets them with the request headers and
+    asks for the body only when it must change it (see :mod:`tollgate.extproc.plan`).
+    """
+    missing = Value(null_value=NullValue.NULL_VALUE)
+    error = Value(list_value=ListValue(values=[Value(string_value="unparsed")]))
+
+    def pair(key: str, value: Value | None = None) -> JsonToMetadataKeyValuePair:
+        return JsonToMetadataKeyValuePair(
+            metadata_namespace=REQUEST_FACTS_NAMESPACE, key=key, value=value
+        )
+
+    rules = [
+        JsonToMetadataRule(
+            selectors=[JsonToMetadataSelector(key=part) for part in path],
+            on_present=pair(key),
+            on_missing=pair(key, missing),
+            on_error=pair(key, error),
+        )
+        for key, path in FACT_RULES.items()
+    ]
+    config = JsonToMetadata(
+        request_rules=JsonToMetadataMatchRules(
+            rules=rules, allow_content_types=["application/json"]
+        )
+    )
+    # Only bodies that declare a length of at most REQUEST_FACTS_MAX_DIGITS digits: a chunked
+    # or larger one reaches ext_proc's request headers first, as before, so that Tollgate
+    # refuses a body over max_body_bytes knowing who sent it (and reads it when it must).
+    small = MatcherMatcherListPredicate(
+        single_predicate=MatcherMatcherListPredicateSinglePredicate(
+            input=XdsExtension(
+                name="content-length",
+                typed_config=AnyProto.pack(
+                    HttpRequestHeaderMatchInput(header_name="content-length")
+                ),
+            ),
+            value_match=XdsStringMatcher(
+                safe_regex=XdsRegexMatcher(
+                    google_re2=RegexMatcherGoogleRe2(),
+                    regex=f"[0-9]{{1,{REQUEST_FACTS_MAX_DIGITS}}}",
+                )
+            ),
+        )
+    )
+    skip_unless_small = XdsMatcher(
+        matcher_list=MatcherMatcherList(
+            matchers=[
+                MatcherMatcherListFieldMatcher(
+                    predicate=MatcherMatcherListPredicate(not_matcher=small),
+                    on_match=MatcherOnMatch(
+                        action=XdsExtension(name="skip", typed_config=AnyProto.pack(SkipFilter()))
+                    ),
+                )
+            ]
+        )
+    )
+    wrapped = ExtensionWithMatcher(
+        xds_matcher=skip_unless_small,
+        extension_config=TypedExtensionConfig(
+            name=REQUEST_FACTS_FILTER, typed_config=AnyProto.pack(config)
+        ),
+    )
+    return HttpFilter(name=REQUEST_FACTS_FILTER, typed_config=AnyProto.pack(wrapped))
 
 
 def _local_reply_observer(settings: Settings) -> HttpFilter:
@@ -734,6 +842,7 @@ def _connection_manager(settings: Settings) -> HttpConnectionManager:
         http_filters=[
             *([_jwt_filter(settings)] if settings.jwt_issuer else []),
             _local_reply_observer(settings),
+            _request_facts_filter(),
             _ext_proc_filter(settings),
             _forward_proxy_filter(),
             HttpFilter(name="envoy.filters.http.router", typed_config=AnyProto.pack(Router())),

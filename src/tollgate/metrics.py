@@ -179,6 +179,15 @@ class StackCollector(Collector):
             "Open ext_proc streams",
             value=extproc.active_streams if extproc else 0,
         )
+        messages = CounterMetricFamily(
+            "tollgate_extproc_messages",
+            "ext_proc messages received from Envoy, by phase (each request's plan decides"
+            " which it sends)",
+            labels=["phase"],
+        )
+        for phase, count in sorted((extproc.messages if extproc else {}).items()):
+            messages.add_metric([phase], count)
+        yield messages
         phases = HistogramMetricFamily(
             "tollgate_extproc_phase_duration_seconds",
             "Time Tollgate spent on one ext_proc message, by phase",

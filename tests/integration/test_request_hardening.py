@@ -448,6 +448,9 @@ async def test_refusals_keep_user_key_and_tags(
 # -- the phase error boundary ------------------------------------------------------------------
 
 
+FAULTY_NUMBER = 424242
+
+
 async def _fault(tg: Running, phase: str, *, streamed: bool) -> tuple[Reply | None, str]:
     """A request whose handler of ``phase`` raises; (the reply, or None when the response
     broke off, and the request id from the ledger)."""
@@ -456,8 +459,10 @@ async def _fault(tg: Running, phase: str, *, streamed: bool) -> tuple[Reply | No
     if phase.startswith("response_body:"):
         headers.append(("x-fake-chunk-delay-ms", "200"))  # events one by one, under way
     if phase != "request_body":
-        headers.append(("x-tollgate-user-id", "faulty"))  # else the body is read for the user
-    body = chat_body(stream=streamed, user="faulty")
+        headers.append(("x-tollgate-user-id", "faulty"))
+    # For request_body a numeric body user: Envoy's reading of the body cannot settle it (it
+    # reads numbers as doubles), so Tollgate reads the body for it and that phase runs.
+    body = chat_body(stream=streamed, user=FAULTY_NUMBER if phase == "request_body" else "faulty")
     try:
         reply: Reply | None = await tg.send("POST", "/v1/chat/completions", headers, body)
     except (http.client.HTTPException, ConnectionError):
@@ -501,7 +506,7 @@ async def test_a_raising_handler_fails_closed_and_tollgate_keeps_serving(
             assert fake_upstream.recorded()["requests"] == []
         row = await tg.row(request_id)
         assert row["outcome"] == "internal_error"
-        assert row["end_user_id"] == "faulty"
+        assert row["end_user_id"] == (str(FAULTY_NUMBER) if phase == "request_body" else "faulty")
         async with await psycopg.AsyncConnection.connect(
             database_url, row_factory=dict_row
         ) as conn:

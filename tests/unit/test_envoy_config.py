@@ -34,6 +34,7 @@ from tollgate.extproc.edge_limits import (
     check_client_headers,
     check_content_length,
 )
+from tollgate.extproc.plan import FACT_RULES, REQUEST_FACTS_NAMESPACE
 from tollgate.extproc.processor import ProcessorContext, RequestProcessor
 from tollgate.localstack import envoy_binary
 from tollgate.policy.refusal import PolicyRefusal
@@ -95,10 +96,37 @@ def test_ext_proc_fails_closed_and_lets_tollgate_pick_body_modes() -> None:
     names = [f["name"] for f in connection_manager(doc)["http_filters"]]
     assert names == [
         "tollgate.local_reply_observer",
+        "envoy.filters.http.json_to_metadata",
         "envoy.filters.http.ext_proc",
         "envoy.filters.http.dynamic_forward_proxy",
         "envoy.filters.http.router",
     ]
+
+
+def test_json_to_metadata_reads_each_fact_of_small_json_bodies_for_ext_proc() -> None:
+    doc = yaml.safe_load(render_yaml(load_settings(environ={})))
+    wrapped = filter_config(doc, "envoy.filters.http.json_to_metadata")
+    assert wrapped["@type"].endswith("ExtensionWithMatcher")
+    (skip,) = wrapped["xds_matcher"]["matcher_list"]["matchers"]
+    small = skip["predicate"]["not_matcher"]["single_predicate"]
+    assert small["input"]["typed_config"]["header_name"] == "content-length"
+    pattern = small["value_match"]["safe_regex"]["regex"]
+    # Envoy matches the whole value: up to 9,999,999 bytes declared.
+    assert re.fullmatch(pattern, "9999999")
+    assert not re.fullmatch(pattern, "10000000")
+    assert skip["on_match"]["action"]["typed_config"]["@type"].endswith("SkipFilter")
+    config = wrapped["extension_config"]["typed_config"]["request_rules"]
+    assert config["allow_content_types"] == ["application/json"]
+    rules = {r["on_present"]["key"]: r for r in config["rules"]}
+    assert set(rules) == set(FACT_RULES)
+    for key, path in FACT_RULES.items():
+        rule = rules[key]
+        assert [s["key"] for s in rule["selectors"]] == list(path)
+        for action in ("on_present", "on_missing", "on_error"):
+            assert rule[action]["metadata_namespace"] == REQUEST_FACTS_NAMESPACE
+        # The markers Tollgate reads (tollgate.extproc.plan): null missing, a list unparsed.
+        assert rule["on_missing"]["value"] is None
+        assert isinstance(rule["on_error"]["value"], list)
 
 
 def filter_config(doc: dict, name: str) -> dict:
@@ -368,12 +396,13 @@ def test_jwt_authn_runs_before_ext_proc_and_its_payload_is_forwarded(tmp_path: P
     assert names == [
         "envoy.filters.http.jwt_authn",
         "tollgate.local_reply_observer",
+        "envoy.filters.http.json_to_metadata",
         "envoy.filters.http.ext_proc",
         "envoy.filters.http.dynamic_forward_proxy",
         "envoy.filters.http.router",
     ]
     assert ext_proc_filter(doc)["metadata_options"] == {
-        "forwarding_namespaces": {"untyped": [JWT_METADATA_NAMESPACE]}
+        "forwarding_namespaces": {"untyped": [REQUEST_FACTS_NAMESPACE, JWT_METADATA_NAMESPACE]}
     }
 
     jwt = jwt_authn_config(doc)
@@ -460,7 +489,9 @@ def test_jwks_file_wins_over_uri_and_needs_no_cluster(tmp_path: Path) -> None:
 
 def test_jwt_disabled_leaves_no_trace() -> None:
     doc = yaml.safe_load(render_yaml(load_settings(environ={})))
-    assert "metadata_options" not in ext_proc_filter(doc)
+    assert ext_proc_filter(doc)["metadata_options"] == {
+        "forwarding_namespaces": {"untyped": [REQUEST_FACTS_NAMESPACE]}
+    }
     assert "envoy.filters.http.jwt_authn" not in [f["name"] for f in http_filters(doc)]
     assert "tollgate_jwks" not in [c["name"] for c in doc["static_resources"]["clusters"]]
 

@@ -26,6 +26,7 @@ from tollgate.extproc.edge_limits import (
     check_client_headers,
     check_content_length,
 )
+from tollgate.extproc.plan import INCLUDE_USAGE_ENDPOINTS, UNSURE, facts_from_envoy
 from tollgate.extproc.request_body import (
     is_json_content_type,
     multipart_field,
@@ -78,8 +79,6 @@ BODY_LOG_BYTES = 4096
 
 # Endpoints whose multipart/form-data request names the model in a form field.
 _FORM_MODEL_ENDPOINTS = ("/audio/transcriptions", "/audio/translations")
-# Endpoints whose streams report usage only when asked (`stream_options.include_usage`).
-_INCLUDE_USAGE_ENDPOINTS = ("/chat/completions", "/completions")
 # The answer to a request Tollgate failed on while the client has had no response yet.
 _INTERNAL_ERROR_MESSAGE = (
     "Tollgate failed while processing this request; its operator can find it by the "
@@ -259,10 +258,11 @@ class RequestProcessor:
             return self._refuse(refusal)
         self._content_encoding = headers.get("content-encoding")
         body_readable = not msg.end_of_stream and is_json_content_type(headers.get("content-type"))
-        self._body_decides = body_readable and policy.resolver.wants_body(self._candidates)
-        # A model prefix can only re-route when no base URI was asked for.
-        self._body_routes = body_readable and router.model_prefix_routing and not att.base_uri
-        self._body_facts = body_readable and wants_request_body(self._endpoint)
+        if body_readable:
+            try:
+                self._plan_body(metadata, headers.get("content-length"))
+            except PolicyRefusal as refusal:
+                return self._refuse(refusal)
         # Transcriptions name their model in a multipart form field.
         self._content_type = headers.get("content-type")
         self._body_form = (
@@ -340,6 +340,45 @@ class RequestProcessor:
             remove=route_remove, set_headers=route_set, body=body_out, clear_route_cache=True
         )
 
+    def _plan_body(self, metadata: base_pb2.Metadata | None, length: bytes | None) -> None:
+        """Whether Tollgate must read the JSON request body: for the user ids, a model prefix
+        to route by, or the facts metering needs — each only when Envoy's reading of the body
+        (:mod:`tollgate.extproc.plan`) cannot settle it — or to inject ``include_usage``."""
+        policy = self._ctx.policy
+        router = self._ctx.router
+        endpoint = self._endpoint or ""
+        try:
+            body_bytes: int | None = int(length) if length is not None else None
+        except ValueError:
+            body_bytes = None
+        facts = facts_from_envoy(metadata, body_bytes)
+        if policy.resolver.wants_body(self._candidates):
+            found = facts.user_ids() if facts is not None else UNSURE
+            if isinstance(found, dict):
+                uses = policy.resolver.uses
+                self._candidates.update((k, v) for k, v in found.items() if uses(k))
+            else:
+                self._body_decides = True
+        # A model prefix can only re-route when no base URI was asked for.
+        if router.model_prefix_routing and not self._attribution.base_uri:
+            model = facts.model() if facts is not None else UNSURE
+            self._body_routes = isinstance(model, str) and (
+                router.for_model(self._path, model) is not None
+            )
+            self._body_routes |= model is UNSURE
+        if not wants_request_body(endpoint):
+            return
+        if facts is None or not endpoint.endswith(INCLUDE_USAGE_ENDPOINTS):
+            self._body_facts = True
+            return
+        model = facts.model()
+        if isinstance(model, str) and model:
+            self._request_model = safe_text(model)
+        stream = facts.flag("stream")
+        self._facts = RequestFacts(model=self._request_model, stream=stream)
+        # Usage is only in the stream if asked for: then the body must say so.
+        self._body_facts = stream and not facts.flag("include_usage")
+
     def _read_document(self, document: dict[str, Any]) -> bool:
         """Route by model prefix, note what parsers need, inject ``include_usage``; True when
         the document was changed and must be sent re-encoded."""
@@ -358,7 +397,7 @@ class RequestProcessor:
             input_chars=len(text) if isinstance(text, str) else None,
             image_count=count if isinstance(count, int) and not isinstance(count, bool) else None,
         )
-        if stream and self._endpoint and self._endpoint.endswith(_INCLUDE_USAGE_ENDPOINTS):
+        if stream and self._endpoint and self._endpoint.endswith(INCLUDE_USAGE_ENDPOINTS):
             options = document.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage") is True):
                 # Usage arrives only if asked for; the client did not ask, so it will not see

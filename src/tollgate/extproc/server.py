@@ -39,6 +39,8 @@ class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):  # type: ign
         self.active_streams = 0
         # Phase → handlers that raised there (``close`` counts as phase "close").
         self.internal_errors: Counter[str] = Counter()
+        # ext_proc messages received, by phase: what each request's plan costs.
+        self.messages: Counter[str] = Counter()
         # Seconds Tollgate spent on each message, by phase (Tollgate's own share of latency).
         self.phase_seconds = HistogramFamily(LATENCY_BUCKETS_S)
 
@@ -56,6 +58,7 @@ class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):  # type: ign
                     return
                 assert isinstance(request, ep.ProcessingRequest)
                 phase = request.WhichOneof("request")
+                self.messages[phase or "none"] += 1
                 started = time.perf_counter()
                 try:
                     response = _dispatch(processor, request)

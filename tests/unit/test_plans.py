@@ -1,0 +1,211 @@
+"""Per-request plans: which ext_proc messages a request asks for, from the facts Envoy's
+json_to_metadata read out of its body (``tollgate.extproc.plan``), and when Tollgate still
+reads the body itself. The same plans are counted through real Envoy in
+tests/integration/test_plans.py."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import struct_pb2
+
+from tests.unit.doubles import FixedKeys, RecordingSink
+from tollgate.extproc import responses
+from tollgate.extproc.plan import (
+    ENVOY_VALUE_LIMIT,
+    FACT_RULES,
+    REQUEST_FACTS_NAMESPACE,
+    UNSURE,
+    EnvoyFacts,
+    facts_from_envoy,
+)
+from tollgate.extproc.processor import PolicyConfig, ProcessorContext, RequestProcessor
+from tollgate.policy.identity import IdentityResolver
+from tollgate.routing.router import Router
+from tollgate.v1 import usage_pb2
+
+MISSING = object()
+UNPARSED = object()
+
+
+def envoy_metadata(**facts: Any) -> base_pb2.Metadata:
+    """Metadata as json_to_metadata writes it: every rule's key, null when the body lacks it,
+    a list when the body could not be parsed."""
+    fields: dict[str, Any] = {}
+    for key in FACT_RULES:
+        value = facts.get(key, MISSING)
+        fields[key] = None if value is MISSING else (["unparsed"] if value is UNPARSED else value)
+    metadata = base_pb2.Metadata()
+    struct = struct_pb2.Struct()
+    struct.update(fields)
+    metadata.filter_metadata[REQUEST_FACTS_NAMESPACE].CopyFrom(struct)
+    return metadata
+
+
+def test_facts_are_read_only_when_envoy_parsed_the_body() -> None:
+    assert facts_from_envoy(None, 10) is None
+    assert facts_from_envoy(base_pb2.Metadata(), 10) is None
+    # Envoy could not parse it (invalid, encoded, not UTF-8): every key holds the error list.
+    assert facts_from_envoy(envoy_metadata(**dict.fromkeys(FACT_RULES, UNPARSED)), 10) is None
+    # No key at all: as an empty object or a JSON array looks to Envoy.
+    assert facts_from_envoy(envoy_metadata(), 10) is None
+    partial = envoy_metadata(model="m")
+    del partial.filter_metadata[REQUEST_FACTS_NAMESPACE].fields["user"]
+    assert facts_from_envoy(partial, 10) is None
+    facts = facts_from_envoy(envoy_metadata(model="m", stream=True, user="u"), 10)
+    assert facts == EnvoyFacts({"model": "m", "stream": True, "user": "u"}, 10)
+
+
+def test_user_ids_are_read_as_tollgate_reads_the_body() -> None:
+    facts = EnvoyFacts({"user": " alice ", "metadata_user_id": "m-1"}, 100)
+    assert facts.user_ids() == {"body_user": "alice", "body_metadata_user_id": "m-1"}
+    assert EnvoyFacts({"model": "m"}, 100).user_ids() == {}
+    # Envoy reads numbers as doubles: only Tollgate's own reading turns 12345 into "12345".
+    assert EnvoyFacts({"user": 12345.0}, 100).user_ids() is UNSURE
+    assert EnvoyFacts({"safety_identifier": True}, 100).user_ids() is UNSURE
+
+
+@pytest.mark.parametrize("body_bytes", [ENVOY_VALUE_LIMIT + 1, None], ids=["large", "chunked"])
+def test_a_missing_string_is_unsure_when_envoy_may_have_dropped_it(body_bytes: int | None) -> None:
+    facts = EnvoyFacts({"model": "m"}, body_bytes)
+    assert facts.user_ids() is UNSURE
+    assert EnvoyFacts({"user": "u", "safety_identifier": "s", "metadata_user_id": "x"}, body_bytes)
+    assert EnvoyFacts({"stream": True}, body_bytes).model() is UNSURE
+    assert EnvoyFacts({"model": "m"}, ENVOY_VALUE_LIMIT).user_ids() == {}
+    assert EnvoyFacts({"model": 3.0}, body_bytes).model() is None
+
+
+def chat_headers(*pairs: tuple[str, bytes], length: int = 200) -> ep.HttpHeaders:
+    base = [
+        (":method", b"POST"),
+        (":path", b"/v1/chat/completions"),
+        ("content-type", b"application/json"),
+        ("content-length", str(length).encode()),
+    ]
+    return ep.HttpHeaders(
+        headers=base_pb2.HeaderMap(
+            headers=[base_pb2.HeaderValue(key=k, raw_value=v) for k, v in [*base, *pairs]]
+        )
+    )
+
+
+def processor(
+    sink: RecordingSink, *, prefix_routing: bool = False, **policy: Any
+) -> RequestProcessor:
+    resolver = IdentityResolver(("jwt", "key", "header", "body_user", "body_metadata_user_id"))
+    ctx = ProcessorContext(
+        sink=sink,
+        router=Router.single("openai", "http://up", model_prefix_routing=prefix_routing),
+        policy=PolicyConfig(resolver=resolver, **policy),
+        keys=FixedKeys(),
+    )
+    return RequestProcessor(ctx)
+
+
+def asks_for_body(answer: ep.ProcessingResponse) -> bool:
+    assert answer.HasField("request_headers"), answer
+    return answer.mode_override.request_body_mode == responses.BODY_BUFFERED
+
+
+def finish_json(p: RequestProcessor, doc: dict[str, Any]) -> None:
+    p.response_headers(
+        ep.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[
+                    base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+                    base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
+                ]
+            )
+        )
+    )
+    p.response_body(ep.HttpBody(body=json.dumps(doc).encode(), end_of_stream=True))
+
+
+def test_header_identified_chat_never_sends_its_body() -> None:
+    sink = RecordingSink()
+    p = processor(sink)
+    answer = p.request_headers(
+        chat_headers(("x-tollgate-user-id", b"alice")), envoy_metadata(model="gpt-4o", user="u")
+    )
+    assert not asks_for_body(answer)
+    # The route is set at once (there is no body phase to set it in).
+    names = {h.header.key for h in answer.request_headers.response.header_mutation.set_headers}
+    assert "x-tollgate-upstream-host" in names
+    assert answer.request_headers.response.clear_route_cache
+    finish_json(p, {"usage": {"prompt_tokens": 3, "completion_tokens": 4}})
+    (record,) = sink.records
+    assert record.end_user_id == "alice"
+    assert record.identity_source == "header"
+    # The response named no model: the request's, as Envoy read it, is recorded.
+    assert record.model == "gpt-4o"
+    assert record.input_tokens == 3
+
+
+def test_body_user_comes_from_envoy_without_a_body_message() -> None:
+    sink = RecordingSink()
+    p = processor(sink, enforce_user_id=True)
+    answer = p.request_headers(chat_headers(), envoy_metadata(model="m", user="bob"))
+    assert not asks_for_body(answer)
+    finish_json(p, {"model": "m", "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+    (record,) = sink.records
+    assert (record.end_user_id, record.identity_source) == ("bob", "body_user")
+
+
+def test_a_missing_required_user_is_refused_at_the_headers() -> None:
+    sink = RecordingSink()
+    p = processor(sink, enforce_user_id=True)
+    answer = p.request_headers(chat_headers(), envoy_metadata(model="m"))
+    assert answer.immediate_response.status.code == 422
+    (record,) = sink.records
+    assert record.outcome == usage_pb2.OUTCOME_BLOCKED
+    assert record.block_reason == "user_id_required"
+
+
+@pytest.mark.parametrize(
+    ("facts", "length"),
+    [
+        ({"user": 12345.0}, 200),  # a number: Tollgate's reading makes it "12345"
+        ({"model": "m"}, ENVOY_VALUE_LIMIT + 100),  # a user id Envoy may have dropped
+        (None, 200),  # Envoy did not parse the body
+    ],
+    ids=["number", "long-body", "unparsed"],
+)
+def test_the_body_is_read_when_envoy_cannot_settle_the_user(
+    facts: dict[str, Any] | None, length: int
+) -> None:
+    sink = RecordingSink()
+    p = processor(sink, enforce_user_id=True)
+    metadata = envoy_metadata(**facts) if facts is not None else None
+    answer = p.request_headers(chat_headers(length=length), metadata)
+    assert asks_for_body(answer)
+    p.request_body(
+        ep.HttpBody(body=json.dumps({"model": "m", "user": 12345}).encode(), end_of_stream=True)
+    )
+    finish_json(p, {"usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+    (record,) = sink.records
+    assert record.end_user_id == "12345"
+
+
+def test_a_stream_reads_its_body_only_to_inject_include_usage() -> None:
+    p = processor(RecordingSink())
+    user = ("x-tollgate-user-id", b"alice")
+    answer = p.request_headers(chat_headers(user), envoy_metadata(model="m", stream=True))
+    assert asks_for_body(answer)
+    p = processor(RecordingSink())
+    asked = envoy_metadata(model="m", stream=True, include_usage=True)
+    assert not asks_for_body(p.request_headers(chat_headers(user), asked))
+
+
+def test_a_model_prefix_is_routed_from_the_body() -> None:
+    user = ("x-tollgate-user-id", b"alice")
+    p = processor(RecordingSink(), prefix_routing=True)
+    answer = p.request_headers(chat_headers(user), envoy_metadata(model="openai/gpt-4o"))
+    assert asks_for_body(answer)
+    p = processor(RecordingSink(), prefix_routing=True)
+    assert not asks_for_body(p.request_headers(chat_headers(user), envoy_metadata(model="gpt-4o")))
+    p = processor(RecordingSink(), prefix_routing=True)
+    assert not asks_for_body(p.request_headers(chat_headers(user), envoy_metadata(model="other/x")))
