@@ -209,3 +209,17 @@ def test_a_model_prefix_is_routed_from_the_body() -> None:
     assert not asks_for_body(p.request_headers(chat_headers(user), envoy_metadata(model="gpt-4o")))
     p = processor(RecordingSink(), prefix_routing=True)
     assert not asks_for_body(p.request_headers(chat_headers(user), envoy_metadata(model="other/x")))
+
+
+def test_a_stream_without_any_message_leaves_no_row() -> None:
+    # Envoy reset the stream before the request headers arrived (a client that went away
+    # while json_to_metadata still waited for its body): nothing was let through.
+    sink = RecordingSink()
+    processor(sink).close()
+    assert sink.records == []
+    p = processor(sink)
+    p.request_headers(chat_headers(("x-tollgate-user-id", b"alice")), envoy_metadata(model="m"))
+    p.close()
+    (record,) = sink.records
+    assert record.outcome == usage_pb2.OUTCOME_CLIENT_ABORTED
+    assert record.end_user_id == "alice"

@@ -584,9 +584,17 @@ class RequestProcessor:
         return response
 
     def close(self) -> None:
-        """The ext_proc stream ended. If the exchange did not complete, the client went away."""
-        if not self._finished:
-            self._finish(usage_pb2.OUTCOME_CLIENT_ABORTED)
+        """The ext_proc stream ended. If the exchange did not complete, the client went away.
+
+        A stream that carried no message at all (Envoy reset it before the request headers
+        arrived) leaves no row: Tollgate never let that request go anywhere.
+        """
+        if self._finished:
+            return
+        if self._endpoint is None and self._status is None:
+            self._finished = True
+            return
+        self._finish(usage_pb2.OUTCOME_CLIENT_ABORTED)
 
     def fail(self, phase: str) -> ep.ProcessingResponse | None:
         """A phase handler raised: record the request as Tollgate's own failure (unless its row
