@@ -82,8 +82,10 @@ A message's *text* is its ``content`` string or the ``text`` strings of its cont
 
 Test knobs are request headers, never part of a provider API: ``x-fake-chunk-delay-ms: N``
 sleeps N ms between the events of a streamed reply (instead of ``--chunk-delay-ms``), so a
-client can abort mid-stream; ``x-fake-content-encoding: gzip`` gzips the response body (and
-sets ``content-encoding: gzip``) whatever the client's ``accept-encoding`` says, like an
+client can abort mid-stream; ``x-fake-words: N`` (1 to 100000) makes a chat completion's
+reply N words instead of 5 to 40 (still capped by the output limit), so a stream has N
+content events; ``x-fake-content-encoding: gzip`` gzips the response body (and sets
+``content-encoding: gzip``) whatever the client's ``accept-encoding`` says, like an
 upstream that ignores it; streams are compressed event by event. A malformed knob is a 400.
 ``--latency-ms`` delays every provider reply before its headers.
 
@@ -245,6 +247,8 @@ _SPEECH_MODELS_WITHOUT_SSE: Final = ("tts-1", "tts-1-hd")
 
 _CHUNK_DELAY_HEADER: Final = "x-fake-chunk-delay-ms"
 _CONTENT_ENCODING_HEADER: Final = "x-fake-content-encoding"
+_WORDS_HEADER: Final = "x-fake-words"
+_MAX_KNOB_WORDS: Final = 100_000
 
 # -- deterministic content -----------------------------------------------------------------
 
@@ -266,13 +270,17 @@ class _Generation:
     digest: bytes
 
     @classmethod
-    def of(cls, model: str, seed: object, cap: int | None) -> _Generation:
+    def of(cls, model: str, seed: object, cap: int | None, words: int | None = None) -> _Generation:
+        """``words`` (the ``x-fake-words`` knob) replaces the hashed length of the reply."""
         digest = _digest(model, seed)
-        n_words = _MIN_WORDS + digest[0] % (_MAX_WORDS - _MIN_WORDS + 1)
+        n_words = _MIN_WORDS + digest[0] % (_MAX_WORDS - _MIN_WORDS + 1) if words is None else words
         truncated = cap is not None and cap < n_words
         if cap is not None and truncated:
             n_words = cap
-        return cls(tuple(_WORDS[b & 63] for b in digest[1 : 1 + n_words]), truncated, digest)
+        picks = digest[1 : 1 + n_words]
+        if len(picks) < n_words:  # more words than the digest has bytes: extend it
+            picks += hashlib.shake_256(digest).digest(n_words - len(picks))
+        return cls(tuple(_WORDS[b & 63] for b in picks), truncated, digest)
 
     @property
     def tokens(self) -> int:
@@ -412,6 +420,7 @@ class _Knobs:
 
     chunk_delay_s: float | None
     gzip: bool
+    words: int | None = None  # chat completions only
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> _Knobs:
@@ -424,7 +433,18 @@ class _Knobs:
         encoding = headers.get(_CONTENT_ENCODING_HEADER, "identity").strip().lower()
         if encoding not in ("gzip", "identity"):
             raise _InvalidKnob(f"{_CONTENT_ENCODING_HEADER} must be gzip or identity")
-        return cls(delay_s, encoding == "gzip")
+        words: int | None = None
+        raw_words = headers.get(_WORDS_HEADER)
+        if raw_words is not None:
+            raw_words = raw_words.strip()
+            if not (raw_words.isascii() and raw_words.isdigit()) or not (
+                1 <= int(raw_words) <= _MAX_KNOB_WORDS
+            ):
+                raise _InvalidKnob(
+                    f"{_WORDS_HEADER} must be a whole number, 1 to {_MAX_KNOB_WORDS}"
+                )
+            words = int(raw_words)
+        return cls(delay_s, encoding == "gzip", words)
 
 
 _KNOBS: Final = web.RequestKey("fake_knobs", _Knobs)
@@ -708,7 +728,7 @@ class _OpenAIChat:
             return _openai_missing("messages")
         model = _model_or(body, DEFAULT_MODEL)
         cap = _token_cap(body.get("max_completion_tokens"), body.get("max_tokens"))
-        reply = _Generation.of(model, messages, cap)
+        reply = _Generation.of(model, messages, cap, request[_KNOBS].words)
         prompt = _TOKENS_PER_MESSAGE * len(messages) + _text_tokens(_text_chars(messages))
         reasoning = _reasoning_tokens(model, reply.tokens)
         usage = {

@@ -1275,6 +1275,9 @@ async def test_gzip_knob_compresses_streams(port: int) -> None:
         ("x-fake-chunk-delay-ms", "soon"),
         ("x-fake-chunk-delay-ms", "-5"),
         ("x-fake-content-encoding", "br"),
+        ("x-fake-words", "0"),
+        ("x-fake-words", "many"),
+        ("x-fake-words", "100001"),
     ],
 )
 async def test_malformed_knob_is_400(
@@ -1300,6 +1303,52 @@ async def test_chunk_delay_knob(port: int, http: aiohttp.ClientSession) -> None:
 
     events = raw.count(b"\n\n")
     assert elapsed >= (events - 1) * 0.03
+
+
+async def test_words_knob_sets_the_reply_length(
+    port: int, http: aiohttp.ClientSession, client: openai.AsyncOpenAI
+) -> None:
+    natural = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert natural.usage is not None
+    natural_words = natural.usage.completion_tokens
+    same = await client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        extra_headers={"x-fake-words": str(natural_words)},
+    )
+    # the knob at the natural length changes nothing but the length
+    assert same.choices[0].message.content == natural.choices[0].message.content
+
+    long = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, extra_headers={"x-fake-words": "250"}
+    )
+    content = long.choices[0].message.content
+    assert content is not None
+    assert len(content.split(" ")) == 250
+    assert content.startswith(natural.choices[0].message.content or "")
+    assert long.usage is not None
+    assert long.usage.completion_tokens == 250
+    assert long.choices[0].finish_reason == "stop"
+
+    capped = await client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        max_tokens=100,
+        extra_headers={"x-fake-words": "250"},
+    )
+    assert capped.usage is not None
+    assert capped.usage.completion_tokens == 100
+    assert capped.choices[0].finish_reason == "length"
+
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    payload = {"messages": MESSAGES, "stream": True}
+    async with http.post(url, json=payload, headers={"x-fake-words": "250"}) as resp:
+        raw = await resp.read()
+    chunks = [json.loads(e[len(b"data: ") :]) for e in raw.split(b"\n\n")[:-2]]
+    pieces = [c["choices"][0]["delta"].get("content") for c in chunks[1:-1]]
+    assert len(pieces) == 250
+    assert all(pieces)
+    assert "".join(pieces) == content
 
 
 async def test_chunk_delay_knob_lets_a_client_abort(port: int, http: aiohttp.ClientSession) -> None:
