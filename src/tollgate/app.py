@@ -15,10 +15,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import multiprocessing
 import os
 import signal
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,6 @@ from psycopg_pool import AsyncConnectionPool
 
 from tollgate.config import ConfigError, Settings, mask_dsn
 from tollgate.envoyadmin import start_drain, wait_until_idle
-from tollgate.envoyconf import render_yaml
 from tollgate.extproc.processor import PolicyConfig, ProcessorContext, RequestProcessor
 from tollgate.extproc.server import ExternalProcessorServicer
 from tollgate.ledger.journal import Journal
@@ -67,6 +68,14 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def _render_envoy_yaml(settings: Settings, target: str) -> str:
+    """Envoy's bootstrap for ``target`` (run in a child process: see ``_start_envoy``)."""
+    from tollgate.envoyconf import render_yaml
+
+    return render_yaml(settings, target)
+
 
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 # Envoy adds framing and headers around a body; leave room above the body limit.
@@ -496,7 +505,14 @@ class Stack:
 
     async def _start_envoy(self, state: Path, s: Settings) -> EnvoyProcess:
         config = state / "envoy.yaml"
-        config.write_text(render_yaml(s, self.options.envoy_target), encoding="utf-8")
+        # Rendered in a spawned child, so that the typed Envoy API (envoy-data-plane, about
+        # 35 MiB of classes) never loads into the process that serves requests.
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            text = await asyncio.get_running_loop().run_in_executor(
+                pool, _render_envoy_yaml, s, self.options.envoy_target
+            )
+        config.write_text(text, encoding="utf-8")
         envoy = EnvoyProcess(config, log_path=state / "envoy.log")
         self._teardown("envoy", lambda: asyncio.to_thread(envoy.stop))
         await asyncio.to_thread(
