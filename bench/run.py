@@ -647,8 +647,11 @@ class TollgateUp:
         self.proc = None
 
 
+BARE_FILTERS: Final = ("envoy.filters.http.dynamic_forward_proxy", "envoy.filters.http.router")
+
+
 def bare_envoy_yaml(upstream_url: str, listen_port: int) -> str:
-    """Tollgate's own Envoy bootstrap with the ext_proc filter (and its cluster) removed."""
+    """Tollgate's own Envoy bootstrap with only its routing filters (no ext_proc cluster)."""
     settings = load_settings(
         environ={},
         upstream_url=upstream_url,
@@ -659,14 +662,19 @@ def bare_envoy_yaml(upstream_url: str, listen_port: int) -> str:
     resources = config["static_resources"]
     manager = resources["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     filters = manager["http_filters"]
-    kept = [f for f in filters if f["name"] != EXTPROC_FILTER]
-    if len(kept) != len(filters) - 1:
-        raise BenchError(f"expected one {EXTPROC_FILTER} filter in the rendered bootstrap")
+    # Only routing stays: not ext_proc, nor the filters that serve it (json_to_metadata,
+    # which parses every JSON body, and the local-reply observer).
+    kept = [f for f in filters if f["name"] in BARE_FILTERS]
+    if [f["name"] for f in kept] != list(BARE_FILTERS) or EXTPROC_FILTER not in {
+        f["name"] for f in filters
+    }:
+        raise BenchError(f"unexpected filters in the rendered bootstrap: {filters}")
     manager["http_filters"] = kept
     resources["clusters"] = [c for c in resources["clusters"] if c["name"] != EXTPROC_CLUSTER]
     # Without ext_proc nobody sets the routing headers: send everything through the same
     # plaintext forward-proxy cluster to the fake upstream, as Tollgate's route would.
     (host,) = manager["route_config"]["virtual_hosts"]
+    host.pop("typed_per_filter_config", None)
     (plain,) = [r for r in host["routes"] if r["name"] == "upstream_http"]
     plain["match"] = {"prefix": "/"}
     per_route = plain["typed_per_filter_config"]["envoy.filters.http.dynamic_forward_proxy"]
@@ -707,8 +715,11 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(work_dir: Path) -> Iterator[Stack]:
-    """Start fake upstream, Postgres, bare Envoy and `tollgate up`; stop all on exit."""
+def running_stack(work_dir: Path, extproc: str = "tcp") -> Iterator[Stack]:
+    """Start fake upstream, Postgres, bare Envoy and `tollgate up`; stop all on exit.
+
+    ``extproc``: how Envoy reaches Tollgate, ``tcp`` (loopback) or ``unix`` (a socket).
+    """
     with contextlib.ExitStack() as stops:
         fake = FakeProviderProcess(free_port(), log_path=work_dir / "fake-provider.log")
         stops.callback(fake.stop)
@@ -732,7 +743,11 @@ def running_stack(work_dir: Path) -> Iterator[Stack]:
         env.update(
             TOLLGATE_DATABASE_URL=database_url,
             TOLLGATE_STATE_DIR=str(work_dir / "tollgate-state"),
-            TOLLGATE_GRPC_ADDRESS=f"127.0.0.1:{free_port()}",
+            TOLLGATE_GRPC_ADDRESS=(
+                f"unix:{work_dir / 'extproc.sock'}"
+                if extproc == "unix"
+                else f"127.0.0.1:{free_port()}"
+            ),
             TOLLGATE_METRICS_ADDRESS="",
             TOLLGATE_ENVOY_LISTEN_PORT=str(tollgate_port),
             TOLLGATE_ENVOY_ADMIN_PORT="0",
@@ -1319,6 +1334,13 @@ def _parser() -> argparse.ArgumentParser:
         help="smoke run: 2 s per measurement after 1 s warm-up, concurrency 16",
     )
     parser.add_argument(
+        "--extproc",
+        choices=("tcp", "unix"),
+        default="tcp",
+        help="how Envoy reaches Tollgate: loopback TCP (default, as `tollgate up`) or a unix"
+        " socket (as the compose and Kubernetes targets)",
+    )
+    parser.add_argument(
         "--soak",
         type=_positive,
         metavar="N",
@@ -1378,7 +1400,8 @@ def main(argv: list[str] | None = None) -> int:
     soak_text = f"; then a soak of {plan.soak:,} requests" if plan.soak else ""
     print(
         f"tollgate bench: scenarios {','.join(s.name for s in plan.scenarios) or 'none'}, "
-        f"concurrency {','.join(map(str, plan.concurrencies))}, {plan.duration_s}s per run "
+        f"concurrency {','.join(map(str, plan.concurrencies))}, ext_proc over {args.extproc}, "
+        f"{plan.duration_s}s per run "
         f"after {plan.warmup_s}s warm-up, load from {load.name}; about {plan.estimated_s()}s "
         f"of load{soak_text}.\nwork dir (logs): {work_dir}",
         file=sys.stderr,
@@ -1387,7 +1410,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = False
     soak_result: SoakResult | None = None
     try:
-        with running_stack(work_dir) as stack:
+        with running_stack(work_dir, args.extproc) as stack:
             print(f"stack ready after {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
             shapes = probe_streams(plan.scenarios, stack)
             for name, by_path in shapes.items():

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from bench import run as bench
 from tollgate.fakeprovider import serve
@@ -520,3 +521,13 @@ def test_a_failed_run_names_the_processes_gone() -> None:
         dead.run(ScriptedLoad(1, fail=True), "http://x", scenario, 1, 1)
     with pytest.raises(bench.BenchError, match=r"^wrk failed$"):
         stack([]).run(ScriptedLoad(1, fail=True), "http://x", scenario, 1, 1)
+
+
+def test_bare_envoy_keeps_only_the_routing_filters() -> None:
+    text = bench.bare_envoy_yaml("http://127.0.0.1:9999", 8080)
+    config = yaml.safe_load(text)
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    names = [f["name"] for f in manager["typed_config"]["http_filters"]]
+    assert names == list(bench.BARE_FILTERS)
+    assert "json_to_metadata" not in text
+    assert "ext_proc" not in yaml.safe_dump(config)
