@@ -14,6 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 
 from tests.unit.doubles import FixedKeys, RecordingSink
+from tests.unit.test_processor_policy import answer_json
 from tollgate.extproc import responses
 from tollgate.extproc.plan import (
     ENVOY_VALUE_LIMIT,
@@ -112,17 +113,7 @@ def asks_for_body(answer: ep.ProcessingResponse) -> bool:
 
 
 def finish_json(p: RequestProcessor, doc: dict[str, Any]) -> None:
-    p.response_headers(
-        ep.HttpHeaders(
-            headers=base_pb2.HeaderMap(
-                headers=[
-                    base_pb2.HeaderValue(key=":status", raw_value=b"200"),
-                    base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
-                ]
-            )
-        )
-    )
-    p.response_body(ep.HttpBody(body=json.dumps(doc).encode(), end_of_stream=True))
+    answer_json(p, json.dumps(doc))
 
 
 def test_header_identified_chat_never_sends_its_body() -> None:
