@@ -214,3 +214,27 @@ def test_a_stream_without_any_message_leaves_no_row() -> None:
     (record,) = sink.records
     assert record.outcome == usage_pb2.OUTCOME_CLIENT_ABORTED
     assert record.end_user_id == "alice"
+
+
+def test_the_requests_model_is_kept_for_any_endpoint_envoy_read() -> None:
+    sink = RecordingSink()
+    p = processor(sink)
+    embeddings = ep.HttpHeaders(
+        headers=base_pb2.HeaderMap(
+            headers=[
+                base_pb2.HeaderValue(key=k, raw_value=v)
+                for k, v in [
+                    (":method", b"POST"),
+                    (":path", b"/v1/embeddings"),
+                    ("content-type", b"application/json"),
+                    ("content-length", b"60"),
+                ]
+            ]
+        )
+    )
+    answer = p.request_headers(embeddings, envoy_metadata(model="text-embedding-3-small", user="u"))
+    assert not asks_for_body(answer)
+    finish_json(p, {"usage": {"prompt_tokens": 5, "total_tokens": 5}})
+    (record,) = sink.records
+    assert record.model == "text-embedding-3-small"
+    assert record.end_user_id == "u"

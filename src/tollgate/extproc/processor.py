@@ -366,14 +366,15 @@ class RequestProcessor:
                 router.for_model(self._path, model) is not None
             )
             self._body_routes |= model is UNSURE
+        model = facts.model() if facts is not None else None
+        if isinstance(model, str) and model:
+            # The fallback when the response names no model (as when the body was read).
+            self._request_model = safe_text(model)
         if not wants_request_body(endpoint):
             return
         if facts is None or not endpoint.endswith(INCLUDE_USAGE_ENDPOINTS):
             self._body_facts = True
             return
-        model = facts.model()
-        if isinstance(model, str) and model:
-            self._request_model = safe_text(model)
         stream = facts.flag("stream")
         self._facts = RequestFacts(model=self._request_model, stream=stream)
         # Usage is only in the stream if asked for: then the body must say so.
