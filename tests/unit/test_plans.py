@@ -25,6 +25,7 @@ from tollgate.extproc.plan import (
     facts_from_envoy,
 )
 from tollgate.extproc.processor import PolicyConfig, ProcessorContext, RequestProcessor
+from tollgate.metering import parser_for
 from tollgate.policy.identity import IdentityResolver
 from tollgate.routing.router import Router
 from tollgate.v1 import usage_pb2
@@ -238,3 +239,72 @@ def test_the_requests_model_is_kept_for_any_endpoint_envoy_read() -> None:
     (record,) = sink.records
     assert record.model == "text-embedding-3-small"
     assert record.end_user_id == "u"
+
+
+def sse_headers() -> ep.HttpHeaders:
+    return ep.HttpHeaders(
+        headers=base_pb2.HeaderMap(
+            headers=[
+                base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+                base_pb2.HeaderValue(key="content-type", raw_value=b"text/event-stream"),
+            ]
+        )
+    )
+
+
+USAGE_EVENT = (
+    b'data: {"choices":[],"model":"gpt-4o-mini",'
+    b'"usage":{"prompt_tokens":7,"completion_tokens":9,"total_tokens":16}}\n\n'
+)
+
+
+@pytest.mark.parametrize("done", [True, False], ids=["after-done", "mid-stream"])
+def test_a_stream_cut_off_after_its_end_marker_is_complete(done: bool) -> None:
+    # The OpenAI SDK closes the response at [DONE], before the HTTP stream's end reaches
+    # Envoy: that client had the whole answer.
+    sink = RecordingSink()
+    p = processor(sink)
+    asked = envoy_metadata(model="gpt-4o-mini", stream=True, include_usage=True)
+    p.request_headers(chat_headers(("x-tollgate-user-id", b"alice")), asked)
+    p.response_headers(sse_headers())
+    p.response_body(ep.HttpBody(body=b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'))
+    p.response_body(ep.HttpBody(body=USAGE_EVENT + (b"data: [DONE]\n\n" if done else b"")))
+    p.close()
+    (record,) = sink.records
+    assert record.outcome == (usage_pb2.OUTCOME_OK if done else usage_pb2.OUTCOME_CLIENT_ABORTED)
+    assert (record.input_tokens, record.output_tokens) == (7, 9)
+
+
+@pytest.mark.parametrize(
+    ("api", "endpoint", "events", "last"),
+    [
+        ("openai", "/v1/chat/completions", [USAGE_EVENT], b"data: [DONE]\n\n"),
+        (
+            "anthropic",
+            "/v1/messages",
+            [
+                b"event: message_delta\n"
+                b'data: {"type":"message_delta","usage":{"output_tokens":3}}\n\n'
+            ],
+            b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+        ),
+        (
+            "openai",
+            "/v1/responses",
+            [b'event: response.created\ndata: {"type":"response.created","response":{}}\n\n'],
+            b'event: response.completed\ndata: {"type":"response.completed","response":'
+            b'{"model":"gpt-4o","usage":{"input_tokens":1,"output_tokens":2}}}\n\n',
+        ),
+    ],
+    ids=["openai-done", "anthropic-message-stop", "responses-completed"],
+)
+def test_each_api_end_marker_makes_a_stream_complete(
+    api: str, endpoint: str, events: list[bytes], last: bytes
+) -> None:
+    parser = parser_for(api, endpoint, streamed=True)
+    assert parser is not None
+    for event in events:
+        parser.feed(event)
+    assert not parser.complete
+    parser.feed(last)
+    assert parser.complete

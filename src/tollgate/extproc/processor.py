@@ -595,6 +595,11 @@ class RequestProcessor:
         if self._endpoint is None and self._status is None:
             self._finished = True
             return
+        if self._parser is not None and self._parser.complete:
+            # The stream's end marker had passed: the client had the whole answer and went
+            # away before the end of the HTTP stream (the OpenAI SDK closes at [DONE]).
+            self._finish(self._outcome_from_usage())
+            return
         self._finish(usage_pb2.OUTCOME_CLIENT_ABORTED)
 
     def fail(self, phase: str) -> ep.ProcessingResponse | None:

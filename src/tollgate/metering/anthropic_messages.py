@@ -71,6 +71,8 @@ class AnthropicMessagesParser(JsonOrSSEParser):
                 self._message(message)
         elif kind == "message_delta":
             self.take_usage(anthropic_usage(doc.get("usage")))
+        elif kind == "message_stop":
+            self.complete = True
 
     def _message(self, message: dict[str, Any]) -> None:
         self.take_model(message.get("model"))

@@ -51,5 +51,9 @@ class DecodingParser:
         except zlib.error:
             self.failed = True
 
+    @property
+    def complete(self) -> bool:
+        return self._inner.complete
+
     def result(self) -> ParsedResponse:
         return self._inner.result()

@@ -47,6 +47,9 @@ class JsonOrSSEParser:
         self.model: str | None = None
         self.units: dict[str, float] = {}
         self.skipped_events = 0
+        # The stream's own end marker was seen (``[DONE]``, or the provider's last event):
+        # the answer is whole even if the stream is cut off after it.
+        self.complete = False
         self._setup()
 
     def _setup(self) -> None:
@@ -66,6 +69,7 @@ class JsonOrSSEParser:
     def _event(self, event: SSEEvent) -> None:
         """One SSE event: JSON data goes to :meth:`_document`; ``[DONE]`` is the end marker."""
         if event.data == b"[DONE]":
+            self.complete = True
             return
         doc = self._json(event.data)
         if doc is not None:

@@ -63,6 +63,7 @@ class OpenAIResponsesParser(JsonOrSSEParser):
             kind = event
         if kind in _TERMINAL_EVENTS:
             self._response(doc.get("response"), with_usage=True)
+            self.complete = True
         elif kind in _STARTED_EVENTS:
             self._response(doc.get("response"), with_usage=False)
 

@@ -59,6 +59,11 @@ class UsageParser(Protocol):
     called before the end (client abort) and then reports what was seen so far.
     """
 
+    @property
+    def complete(self) -> bool:
+        """The response's own end marker was seen: the answer is whole."""
+        ...
+
     def feed(self, chunk: bytes) -> None: ...
 
     def result(self) -> ParsedResponse: ...
