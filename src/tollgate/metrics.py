@@ -21,7 +21,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -226,6 +231,8 @@ async def start_http_endpoint(address: str, stack: Stack) -> Callable[[], Awaita
     host, _, port = address.rpartition(":")
     registry = CollectorRegistry()
     registry.register(StackCollector(stack))
+    # process_resident_memory_bytes, process_cpu_seconds_total, open fds (from /proc).
+    ProcessCollector(registry=registry)
 
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(registry)
