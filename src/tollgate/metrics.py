@@ -17,7 +17,7 @@ The server runs on the event loop that serves ext_proc, so a stuck loop fails th
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -184,15 +184,12 @@ class StackCollector(Collector):
             "Open ext_proc streams",
             value=extproc.active_streams if extproc else 0,
         )
-        messages = CounterMetricFamily(
+        yield _by_phase(
             "tollgate_extproc_messages",
             "ext_proc messages received from Envoy, by phase (each request's plan decides"
             " which it sends)",
-            labels=["phase"],
+            extproc.messages if extproc else {},
         )
-        for phase, count in sorted((extproc.messages if extproc else {}).items()):
-            messages.add_metric([phase], count)
-        yield messages
         phases = HistogramMetricFamily(
             "tollgate_extproc_phase_duration_seconds",
             "Time Tollgate spent on one ext_proc message, by phase",
@@ -202,15 +199,12 @@ class StackCollector(Collector):
             for phase, histogram in extproc.phase_seconds.items():
                 _histogram(phases, [phase], histogram)
         yield phases
-        internal = CounterMetricFamily(
+        yield _by_phase(
             "tollgate_internal_errors",
             "ext_proc handlers that raised, by phase (the request failed closed and was"
             " recorded as internal_error)",
-            labels=["phase"],
+            extproc.internal_errors if extproc else {},
         )
-        for phase, count in sorted((extproc.internal_errors if extproc else {}).items()):
-            internal.add_metric([phase], count)
-        yield internal
         ready, _ = self._stack.readiness()
         yield GaugeMetricFamily("tollgate_ready", "1 while /readyz answers 200", value=int(ready))
 
@@ -224,6 +218,14 @@ class StackCollector(Collector):
             "Failed reloads of the gateway key cache (the previous keys stay in use)",
             value=keys.refresh_failures,
         )
+
+
+def _by_phase(name: str, documentation: str, counts: Mapping[str, int]) -> CounterMetricFamily:
+    """A counter family labelled by ext_proc phase."""
+    family = CounterMetricFamily(name, documentation, labels=["phase"])
+    for phase, count in sorted(counts.items()):
+        family.add_metric([phase], count)
+    return family
 
 
 async def start_http_endpoint(address: str, stack: Stack) -> Callable[[], Awaitable[None]]:

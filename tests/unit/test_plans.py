@@ -16,6 +16,7 @@ from google.protobuf import struct_pb2
 from tests.unit.doubles import FixedKeys, RecordingSink
 from tests.unit.test_processor_policy import answer_json
 from tollgate.extproc import responses
+from tollgate.extproc.edge_limits import declared_length
 from tollgate.extproc.plan import (
     ENVOY_VALUE_LIMIT,
     FACT_RULES,
@@ -308,3 +309,18 @@ def test_each_api_end_marker_makes_a_stream_complete(
     assert not parser.complete
     parser.feed(last)
     assert parser.complete
+
+
+def test_only_a_plain_declared_length_counts_as_small() -> None:
+    assert declared_length(b"1024") == 1024
+    assert declared_length(b" 12 ") == 12
+    # Python's int() would take these; a declared length is digits only.
+    for value in (b"-5", b"+5", b"1_000", b"", b"0x10", None):
+        assert declared_length(value) is None
+    # An unreadable length counts as a large body: a missing user id means "read the body".
+    sink = RecordingSink()
+    p = processor(sink, enforce_user_id=True)
+    headers = chat_headers(length=1)
+    del headers.headers.headers[3]
+    headers.headers.headers.append(base_pb2.HeaderValue(key="content-length", raw_value=b"-5"))
+    assert asks_for_body(p.request_headers(headers, envoy_metadata(model="m")))

@@ -76,15 +76,22 @@ def check_client_headers(headers: ep.HttpHeaders) -> None:
         )
 
 
+def declared_length(content_length: bytes | None) -> int | None:
+    """The body length a ``content-length`` value declares; None when absent or not plain
+    ASCII digits (no sign, no ``_``, as Python's ``int`` would take)."""
+    if content_length is None or not content_length.strip().isdigit():
+        return None
+    return int(content_length)
+
+
 def check_content_length(content_length: bytes | None, max_body_bytes: int) -> None:
     """Refuse (413 ``body_too_large``) a body Tollgate must read that is declared too large.
 
     Refused before the body is read: a body over Envoy's buffer limit that arrives while the
     request headers are with Tollgate would otherwise stall the request (Envoy 1.40).
     """
-    if content_length is None or not content_length.strip().isdigit():
-        return
-    if int(content_length) > max_body_bytes:
+    length = declared_length(content_length)
+    if length is not None and length > max_body_bytes:
         raise PolicyRefusal(
             413, "body_too_large", f"The request body exceeds {max_body_bytes} bytes."
         )

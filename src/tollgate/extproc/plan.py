@@ -151,10 +151,9 @@ def facts_from_envoy(
         if key not in fields:
             return None  # every rule writes a value or a marker: this is not our reading
         value = _scalar(fields[key])
-        if value is UNSURE:
+        if isinstance(value, _Unsure):
             return None
         if value is not None:
-            assert not isinstance(value, _Unsure)
             values[key] = value
     if not values:
         # Nothing found: also what a body that is no JSON object looks like to Envoy, which

@@ -25,6 +25,7 @@ from tollgate.extproc.edge_limits import (
     ENVOY_ERROR_HEADER,
     check_client_headers,
     check_content_length,
+    declared_length,
 )
 from tollgate.extproc.plan import INCLUDE_USAGE_ENDPOINTS, UNSURE, facts_from_envoy
 from tollgate.extproc.request_body import (
@@ -347,11 +348,7 @@ class RequestProcessor:
         policy = self._ctx.policy
         router = self._ctx.router
         endpoint = self._endpoint or ""
-        try:
-            body_bytes: int | None = int(length) if length is not None else None
-        except ValueError:
-            body_bytes = None
-        facts = facts_from_envoy(metadata, body_bytes)
+        facts = facts_from_envoy(metadata, declared_length(length))
         if policy.resolver.wants_body(self._candidates):
             found = facts.user_ids() if facts is not None else UNSURE
             if isinstance(found, dict):
@@ -362,10 +359,9 @@ class RequestProcessor:
         # A model prefix can only re-route when no base URI was asked for.
         if router.model_prefix_routing and not self._attribution.base_uri:
             model = facts.model() if facts is not None else UNSURE
-            self._body_routes = isinstance(model, str) and (
-                router.for_model(self._path, model) is not None
+            self._body_routes = model is UNSURE or (
+                isinstance(model, str) and router.for_model(self._path, model) is not None
             )
-            self._body_routes |= model is UNSURE
         model = facts.model() if facts is not None else None
         if isinstance(model, str) and model:
             # The fallback when the response names no model (as when the body was read).
