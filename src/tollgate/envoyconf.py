@@ -173,10 +173,18 @@ from tollgate.extproc.edge_limits import (
     CLIENT_MAX_HEADERS_COUNT,
     CLIENT_MAX_HEADERS_KB,
     ENVOY_ERROR_HEADER,
+    ENVOY_LOCAL_REPLIES,
     MUTATION_HEADROOM_COUNT,
     MUTATION_HEADROOM_KB,
 )
-from tollgate.extproc.plan import FACT_RULES, REQUEST_FACTS_NAMESPACE
+from tollgate.extproc.plan import (
+    FACT_RULES,
+    REQUEST_FACTS_NAMESPACE,
+    REQUEST_ID_KEY,
+    RESPONSE_ATTRIBUTES,
+    TOLLGATE_NAMESPACE,
+)
+from tollgate.policy.headers import REQUEST_ID_HEADER
 from tollgate.policy.identity import JWT_METADATA_NAMESPACE, JWT_PAYLOAD_KEY
 from tollgate.routing.envoy_headers import UPSTREAM_HOST_HEADER, UPSTREAM_SCHEME_HEADER
 
@@ -227,34 +235,6 @@ REQUEST_FACTS_FILTER = "envoy.filters.http.json_to_metadata"
 #: It reads bodies of fewer than 10**REQUEST_FACTS_MAX_DIGITS bytes (100 kB): it costs Envoy
 #: about 4.4 µs of CPU per KB, and from about that size on Tollgate reads a body for less.
 REQUEST_FACTS_MAX_DIGITS = 5
-
-#: Envoy's own local replies, by ``%RESPONSE_CODE_DETAILS%``: (status, CEL condition on the
-#: details, code, message). Tollgate's own ImmediateResponses carry its error code as details
-#: and keep their body.
-ENVOY_LOCAL_REPLIES: tuple[tuple[int, str, str, str], ...] = (
-    (426, "== 'low_version'", "upgrade_required", "HTTP/1.1 or later is required."),
-    (
-        431,
-        ".startsWith('http1.') || response.code_details.startsWith('http2.')",
-        "headers_too_large",
-        f"The request headers exceed {CLIENT_MAX_HEADERS_COUNT} headers or "
-        f"{CLIENT_MAX_HEADERS_KB} KiB.",
-    ),
-    (413, "== 'request_payload_too_large'", "body_too_large", "The request body is too large."),
-    (
-        400,
-        "== 'path_normalization_failed'",
-        "invalid_path",
-        "Invalid request path: encoded slashes or backslashes, or a path that cannot be "
-        "normalised.",
-    ),
-    (
-        400,
-        ".startsWith('http1.') || response.code_details.startsWith('http2.')",
-        "bad_request",
-        "The request is not valid HTTP (invalid characters or framing).",
-    ),
-)
 
 #: Provider for ``<jwt_header>: Bearer <token>``.
 JWT_PROVIDER = "tollgate_users"
@@ -576,14 +556,18 @@ def _ext_proc_filter(settings: Settings) -> HttpFilter:
         processing_mode=_processing_mode(request_headers=True, response_headers=False),
         # Tollgate asks for bodies per request (SSE streamed, JSON buffered).
         allow_mode_override=True,
+        # The status comes with the first response message, so a plan may skip the headers.
+        response_attributes=list(RESPONSE_ATTRIBUTES),
     )
     # The request-headers message carries in its metadata_context what json_to_metadata read
     # from the body, and the verified JWT payload.
     namespaces = [REQUEST_FACTS_NAMESPACE]
     if settings.jwt_issuer:
         namespaces.append(JWT_METADATA_NAMESPACE)
+    # Tollgate's answers write the request id there, for the route's response header.
     ext_proc.metadata_options = MetadataOptions(
-        forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=namespaces)
+        forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=namespaces),
+        receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[TOLLGATE_NAMESPACE]),
     )
     return HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyProto.pack(ext_proc))
 
@@ -699,13 +683,16 @@ def _local_reply_config() -> LocalReplyConfig:
     records as the ``block_reason``.
     """
     mappers = []
-    for status, details, code, message in ENVOY_LOCAL_REPLIES:
-        expression = f"response.code == {status} && (response.code_details {details})"
+    for reply in ENVOY_LOCAL_REPLIES:
+        conditions = [f"response.code_details == '{d}'" for d in reply.details] + [
+            f"response.code_details.startsWith('{p}')" for p in reply.detail_prefixes
+        ]
+        expression = f"response.code == {reply.status} && ({' || '.join(conditions)})"
         body = {
             "error": {
-                "message": message,
+                "message": reply.message,
                 "type": "invalid_request_error",
-                "code": code,
+                "code": reply.code,
                 "param": None,
             }
         }
@@ -724,7 +711,7 @@ def _local_reply_config() -> LocalReplyConfig:
                 ),
                 headers_to_add=[
                     HeaderValueOption(
-                        header=HeaderValue(key=ENVOY_ERROR_HEADER, value=code),
+                        header=HeaderValue(key=ENVOY_ERROR_HEADER, value=reply.code),
                         append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
                     )
                 ],
@@ -773,6 +760,18 @@ def _forward_route(cluster: str, timeout: datetime.timedelta, *scheme: HeaderMat
         request_headers_to_remove=[UPSTREAM_HOST_HEADER, UPSTREAM_SCHEME_HEADER],
         # Only Envoy's own local replies may name an Envoy error.
         response_headers_to_remove=[ENVOY_ERROR_HEADER],
+    )
+
+
+def _request_id_header() -> HeaderValueOption:
+    """``x-tollgate-request-id`` from the id Tollgate's ext_proc wrote into the request's
+    dynamic metadata (none when it never saw the request: Envoy adds no empty header)."""
+    return HeaderValueOption(
+        header=HeaderValue(
+            key=REQUEST_ID_HEADER,
+            value=f"%DYNAMIC_METADATA({TOLLGATE_NAMESPACE}:{REQUEST_ID_KEY})%",
+        ),
+        append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
     )
 
 
@@ -837,6 +836,7 @@ def _connection_manager(settings: Settings) -> HttpConnectionManager:
                     domains=["*"],
                     routes=_routes(settings),
                     typed_per_filter_config=_ext_proc_per_route(),
+                    response_headers_to_add=[_request_id_header()],
                 )
             ],
         ),

@@ -66,7 +66,7 @@ def row(database_url: str, request_id: str) -> dict[str, Any]:
     return found
 
 
-def test_header_identified_chat_is_three_messages(
+def test_header_identified_chat_is_two_messages(
     running: RunningTollgate, database_url: str
 ) -> None:
     chat = client(running, **{"x-tollgate-user-id": "alice"}).chat.completions
@@ -74,10 +74,11 @@ def test_header_identified_chat_is_three_messages(
         running,
         lambda: chat.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES),
     )
+    # The answer is one JSON document: no response headers, its status in the attributes.
     assert sent == {
         "request_headers": 1,
         "request_body": 0,
-        "response_headers": 1,
+        "response_headers": 0,
         "response_body": 1,
     }
     completion = raw.parse()
@@ -98,10 +99,41 @@ def test_body_user_comes_from_envoy_without_a_body_message(
             model="gpt-4o-mini", messages=MESSAGES, user="body-bob"
         ),
     )
-    assert sent["request_body"] == 0
-    assert sent["request_headers"] == sent["response_headers"] == sent["response_body"] == 1
+    assert sent["request_body"] == sent["response_headers"] == 0
+    assert sent["request_headers"] == sent["response_body"] == 1
     record = row(database_url, raw.headers["x-tollgate-request-id"])
     assert (record["end_user_id"], record["identity_source"]) == ("body-bob", "body_user")
+
+
+@pytest.mark.parametrize("case", ["upstream-error", "gzip-answer"])
+def test_a_json_answer_without_its_headers_is_still_read_exactly(
+    running: RunningTollgate, database_url: str, case: str
+) -> None:
+    # The status comes from Envoy's response.code attribute; an encoding from the bytes.
+    knob = {"upstream-error": {"x-fake-words": "many"}, "gzip-answer": {}}[case]
+    headers = {
+        "content-type": "application/json",
+        "x-tollgate-user-id": "carol",
+        "accept-encoding": "gzip",
+        **knob,
+    }
+    if case == "gzip-answer":
+        headers["x-fake-content-encoding"] = "gzip"
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}).encode()
+    sent, (status, request_id, answer) = counted(running, lambda: _post(running, body, headers))
+    assert request_id, "no x-tollgate-request-id"
+    assert (sent["response_headers"], sent["response_body"]) == (0, 1)
+    record = row(database_url, request_id)
+    assert record["status_code"] == status
+    if case == "upstream-error":
+        assert status == 400
+        assert record["outcome"] == "upstream_error"
+    else:
+        assert status == 200
+        completion = json.loads(gzip.decompress(answer))  # passed on as the upstream sent it
+        assert record["outcome"] == "ok"
+        assert record["input_tokens"] == completion["usage"]["prompt_tokens"]
+        assert record["output_tokens"] == completion["usage"]["completion_tokens"]
 
 
 def _post(running: RunningTollgate, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:

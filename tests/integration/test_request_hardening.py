@@ -451,18 +451,24 @@ async def test_refusals_keep_user_key_and_tags(
 FAULTY_NUMBER = 424242
 
 
-async def _fault(tg: Running, phase: str, *, streamed: bool) -> tuple[Reply | None, str]:
+async def _fault(
+    tg: Running, phase: str, *, streamed: bool, reads_body: bool
+) -> tuple[Reply | None, str]:
     """A request whose handler of ``phase`` raises; (the reply, or None when the response
-    broke off, and the request id from the ledger)."""
-    tag = f"fault-{phase}-{streamed}".replace(":", "-")
+    broke off, and the request id from the ledger).
+
+    ``reads_body``: the user is a number in the body, which Envoy's reading cannot settle (it
+    reads numbers as doubles), so Tollgate reads the body and the plan keeps the response
+    headers. Otherwise the user is in a header and a non-streaming call is a JSON-answer
+    plan: no response headers, whose answer has left Envoy before the body phase (ADR 011).
+    """
+    tag = f"fault-{phase}-{streamed}-{reads_body}".replace(":", "-")
     headers = [JSON, (FAULT_HEADER, phase), ("x-tollgate-tags", tag)]
     if phase.startswith("response_body:"):
         headers.append(("x-fake-chunk-delay-ms", "200"))  # events one by one, under way
-    if phase != "request_body":
+    if not reads_body:
         headers.append(("x-tollgate-user-id", "faulty"))
-    # For request_body a numeric body user: Envoy's reading of the body cannot settle it (it
-    # reads numbers as doubles), so Tollgate reads the body for it and that phase runs.
-    body = chat_body(stream=streamed, user=FAULTY_NUMBER if phase == "request_body" else "faulty")
+    body = chat_body(stream=streamed, user=FAULTY_NUMBER if reads_body else "faulty")
     try:
         reply: Reply | None = await tg.send("POST", "/v1/chat/completions", headers, body)
     except (http.client.HTTPException, ConnectionError):
@@ -472,14 +478,15 @@ async def _fault(tg: Running, phase: str, *, streamed: bool) -> tuple[Reply | No
 
 
 @pytest.mark.parametrize(
-    ("phase", "streamed"),
+    ("phase", "streamed", "reads_body"),
     [
-        ("request_headers", False),
-        ("request_body", False),
-        ("response_headers", False),
-        ("response_body", False),
-        ("response_body", True),
-        ("response_body:2", True),
+        ("request_headers", False, False),
+        ("request_body", False, True),
+        ("response_headers", False, True),
+        ("response_body", False, True),
+        ("response_body", False, False),
+        ("response_body", True, False),
+        ("response_body:2", True, False),
     ],
 )
 async def test_a_raising_handler_fails_closed_and_tollgate_keeps_serving(
@@ -488,25 +495,29 @@ async def test_a_raising_handler_fails_closed_and_tollgate_keeps_serving(
     fake_upstream: FakeUpstream,
     phase: str,
     streamed: bool,
+    reads_body: bool,
 ) -> None:
     async with running_stack(tmp_path, database_url, fake_upstream.url) as tg:
         fake_upstream.clear()
-        reply, request_id = await _fault(tg, phase, streamed=streamed)
-        if reply is not None:
+        reply, request_id = await _fault(tg, phase, streamed=streamed, reads_body=reads_body)
+        if streamed and reply is not None:
             # Streamed: a 500 if Envoy had not sent the headers yet, else a reset (reply None).
             assert reply.status == 500, reply.body[:300]
-        if not streamed:
+        if not streamed and (reads_body or phase == "request_headers"):
             # Envoy still holds the response: Tollgate's own answer reaches the client.
             assert reply is not None
             assert reply.status == 500
             assert reply.json()["error"]["code"] == "internal_error"
             assert reply.request_id == request_id
+        if not streamed and not reads_body and phase == "response_body":
+            # A JSON-answer plan: the headers went out before the body phase, the body never.
+            assert reply is None
         if phase in ("request_headers", "request_body"):
             # Failed before the upstream: nothing went out.
             assert fake_upstream.recorded()["requests"] == []
         row = await tg.row(request_id)
         assert row["outcome"] == "internal_error"
-        assert row["end_user_id"] == (str(FAULTY_NUMBER) if phase == "request_body" else "faulty")
+        assert row["end_user_id"] == (str(FAULTY_NUMBER) if reads_body else "faulty")
         async with await psycopg.AsyncConnection.connect(
             database_url, row_factory=dict_row
         ) as conn:

@@ -3,8 +3,11 @@ keys, a processor with an injected fault."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import struct_pb2
 
 from tollgate.extproc.processor import RequestProcessor
 from tollgate.ledger.records import UsageRecord
@@ -78,6 +81,8 @@ class FaultyProcessor(RequestProcessor):
         self._fault("response_headers")
         return super().response_headers(msg)
 
-    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+    def response_body(
+        self, msg: ep.HttpBody, attributes: Mapping[str, struct_pb2.Struct] | None = None
+    ) -> ep.ProcessingResponse:
         self._fault("response_body")
-        return super().response_body(msg)
+        return super().response_body(msg, attributes)

@@ -34,7 +34,7 @@ from tollgate.extproc.edge_limits import (
     check_client_headers,
     check_content_length,
 )
-from tollgate.extproc.plan import FACT_RULES, REQUEST_FACTS_NAMESPACE
+from tollgate.extproc.plan import FACT_RULES, REQUEST_FACTS_NAMESPACE, TOLLGATE_NAMESPACE
 from tollgate.extproc.processor import ProcessorContext, RequestProcessor
 from tollgate.localstack import envoy_binary
 from tollgate.policy.refusal import PolicyRefusal
@@ -402,7 +402,8 @@ def test_jwt_authn_runs_before_ext_proc_and_its_payload_is_forwarded(tmp_path: P
         "envoy.filters.http.router",
     ]
     assert ext_proc_filter(doc)["metadata_options"] == {
-        "forwarding_namespaces": {"untyped": [REQUEST_FACTS_NAMESPACE, JWT_METADATA_NAMESPACE]}
+        "forwarding_namespaces": {"untyped": [REQUEST_FACTS_NAMESPACE, JWT_METADATA_NAMESPACE]},
+        "receiving_namespaces": {"untyped": [TOLLGATE_NAMESPACE]},
     }
 
     jwt = jwt_authn_config(doc)
@@ -490,7 +491,8 @@ def test_jwks_file_wins_over_uri_and_needs_no_cluster(tmp_path: Path) -> None:
 def test_jwt_disabled_leaves_no_trace() -> None:
     doc = yaml.safe_load(render_yaml(load_settings(environ={})))
     assert ext_proc_filter(doc)["metadata_options"] == {
-        "forwarding_namespaces": {"untyped": [REQUEST_FACTS_NAMESPACE]}
+        "forwarding_namespaces": {"untyped": [REQUEST_FACTS_NAMESPACE]},
+        "receiving_namespaces": {"untyped": [TOLLGATE_NAMESPACE]},
     }
     assert "envoy.filters.http.jwt_authn" not in [f["name"] for f in http_filters(doc)]
     assert "tollgate_jwks" not in [c["name"] for c in doc["static_resources"]["clusters"]]

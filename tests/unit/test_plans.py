@@ -5,7 +5,9 @@ tests/integration/test_plans.py."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from typing import Any
 
 import pytest
@@ -324,3 +326,165 @@ def test_only_a_plain_declared_length_counts_as_small() -> None:
     del headers.headers.headers[3]
     headers.headers.headers.append(base_pb2.HeaderValue(key="content-length", raw_value=b"-5"))
     assert asks_for_body(p.request_headers(headers, envoy_metadata(model="m")))
+
+
+# -- the JSON-answer plan: no response-headers message -----------------------------------------
+
+ALICE = ("x-tollgate-user-id", b"alice")
+ANSWER = {
+    "model": "gpt-4o-2024-08-06",
+    "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16},
+}
+
+
+def attributes(code: int | None, details: str = "via_upstream") -> dict[str, struct_pb2.Struct]:
+    """What Envoy sends with the first response message (ext_proc response_attributes)."""
+    struct = struct_pb2.Struct()
+    if code is not None:
+        struct.update({"response.code": float(code), "response.code_details": details})
+    return {"envoy.filters.http.ext_proc": struct}
+
+
+def skips_response_headers(answer: ep.ProcessingResponse) -> bool:
+    mode = answer.mode_override
+    skip = mode.response_header_mode == responses.ProcessingMode.SKIP
+    assert not skip or mode.response_body_mode == responses.BODY_BUFFERED
+    return skip
+
+
+def json_answer(
+    p: RequestProcessor, body: bytes, code: int | None = 200, details: str = "via_upstream"
+) -> ep.ProcessingResponse:
+    return p.response_body(ep.HttpBody(body=body, end_of_stream=True), attributes(code, details))
+
+
+def test_a_json_answer_is_one_buffered_body_message_with_its_status() -> None:
+    sink = RecordingSink()
+    p = processor(sink)
+    answer = p.request_headers(chat_headers(ALICE), envoy_metadata(model="gpt-4o"))
+    assert not asks_for_body(answer)
+    assert skips_response_headers(answer)
+    out = json_answer(p, json.dumps(ANSWER).encode())
+    assert out.HasField("response_body")
+    assert not out.response_body.response.HasField("body_mutation")
+    (record,) = sink.records
+    assert record.outcome == usage_pb2.OUTCOME_OK
+    assert record.status_code == 200
+    assert (record.input_tokens, record.output_tokens) == (11, 5)
+    assert record.model == "gpt-4o-2024-08-06"
+    assert not record.streamed
+    # The client's x-tollgate-request-id comes from the metadata every answer writes.
+    fields = answer.dynamic_metadata.fields["tollgate"].struct_value.fields
+    assert fields["request_id"].string_value == record.request_id
+
+
+@pytest.mark.parametrize(
+    ("path", "facts"),
+    [
+        (b"/v1/chat/completions", {"model": "m", "stream": True, "include_usage": True}),
+        (b"/v1/messages", {"model": "claude", "stream": True}),
+        (b"/v1/images/generations", {"model": "dall-e-3"}),  # its facts come from the body
+        (b"/v1/audio/speech", {"model": "tts-1"}),  # audio, not JSON
+        (b"/v1/models/x:streamGenerateContent", {"model": "g"}),
+        (b"/v1/chat/completions", None),  # Envoy did not read the body: stream is unknown
+    ],
+    ids=["stream", "anthropic-stream", "images", "speech", "gemini-stream", "unread"],
+)
+def test_other_plans_keep_the_response_headers(path: bytes, facts: dict[str, Any] | None) -> None:
+    p = processor(RecordingSink())
+    headers = chat_headers(ALICE)
+    headers.headers.headers[1].raw_value = path
+    answer = p.request_headers(headers, envoy_metadata(**facts) if facts is not None else None)
+    assert not skips_response_headers(answer)
+
+
+@pytest.mark.parametrize(
+    ("path", "facts"),
+    [
+        (b"/v1/embeddings", {"model": "text-embedding-3-small"}),
+        (b"/v1/messages", {"model": "claude", "stream": False}),
+        (b"/v1/responses", {"model": "gpt-4o"}),
+        (b"/v1beta/models/gemini-2.0-flash:generateContent", {"model": "g"}),
+    ],
+    ids=["embeddings", "anthropic", "responses", "gemini"],
+)
+def test_every_json_endpoint_skips_them(path: bytes, facts: dict[str, Any]) -> None:
+    p = processor(RecordingSink())
+    headers = chat_headers(ALICE)
+    headers.headers.headers[1].raw_value = path
+    assert skips_response_headers(p.request_headers(headers, envoy_metadata(**facts)))
+
+
+def test_an_upstream_error_is_recorded_with_its_status() -> None:
+    sink = RecordingSink()
+    p = processor(sink)
+    p.request_headers(chat_headers(ALICE), envoy_metadata(model="gpt-4o"))
+    out = json_answer(p, b'{"error":{"message":"overloaded"}}', 529)
+    assert out.HasField("response_body")
+    (record,) = sink.records
+    assert record.outcome == usage_pb2.OUTCOME_UPSTREAM_ERROR
+    assert record.status_code == 529
+    assert record.model == "gpt-4o"
+
+
+def test_an_envoy_local_reply_is_named_from_its_details() -> None:
+    sink = RecordingSink()
+    p = processor(sink)
+    p.request_headers(chat_headers(ALICE), envoy_metadata(model="gpt-4o"))
+    json_answer(p, b'{"error":{"code":"body_too_large"}}', 413, "request_payload_too_large")
+    (record,) = sink.records
+    assert (record.outcome, record.block_reason) == (usage_pb2.OUTCOME_BLOCKED, "body_too_large")
+    # An upstream's own 413 is its error, not Envoy's.
+    sink = RecordingSink()
+    p = processor(sink)
+    p.request_headers(chat_headers(ALICE), envoy_metadata(model="gpt-4o"))
+    json_answer(p, b'{"error":{}}', 413, "via_upstream")
+    (record,) = sink.records
+    assert (record.outcome, record.block_reason) == (usage_pb2.OUTCOME_UPSTREAM_ERROR, "")
+
+
+@pytest.mark.parametrize("encode", [gzip.compress, zlib.compress], ids=["gzip", "deflate"])
+def test_an_encoded_answer_is_metered_from_its_bytes(encode: Any) -> None:
+    # No header says how it is encoded (an upstream that ignored accept-encoding: identity).
+    sink = RecordingSink()
+    p = processor(sink)
+    p.request_headers(chat_headers(ALICE), envoy_metadata(model="gpt-4o"))
+    out = json_answer(p, encode(json.dumps(ANSWER).encode()))
+    assert not out.response_body.response.HasField("body_mutation")
+    (record,) = sink.records
+    assert (record.outcome, record.input_tokens, record.output_tokens) == (
+        usage_pb2.OUTCOME_OK,
+        11,
+        5,
+    )
+
+
+def test_an_answer_that_streams_anyway_is_metered_as_a_stream() -> None:
+    sink = RecordingSink()
+    p = processor(sink)
+    p.request_headers(chat_headers(ALICE), envoy_metadata(model="gpt-4o-mini"))
+    json_answer(p, USAGE_EVENT + b"data: [DONE]\n\n")
+    (record,) = sink.records
+    assert (record.outcome, record.streamed, record.input_tokens) == (
+        usage_pb2.OUTCOME_OK,
+        True,
+        7,
+    )
+
+
+def test_an_answer_without_status_or_body() -> None:
+    # No attributes (an Envoy that sends none): not an answer Tollgate can read as a success.
+    sink = RecordingSink()
+    p = processor(sink)
+    p.request_headers(chat_headers(ALICE), envoy_metadata(model="gpt-4o"))
+    json_answer(p, json.dumps(ANSWER).encode(), None)
+    (record,) = sink.records
+    assert (record.outcome, record.status_code) == (usage_pb2.OUTCOME_UPSTREAM_ERROR, 0)
+    # An answer with no body sends this plan no message at all: it looks like a client that
+    # went away (docs/adr/011-lean-plans.md); no provider answers these endpoints so.
+    sink = RecordingSink()
+    p = processor(sink)
+    p.request_headers(chat_headers(ALICE), envoy_metadata(model="gpt-4o"))
+    p.close()
+    (record,) = sink.records
+    assert record.outcome == usage_pb2.OUTCOME_CLIENT_ABORTED

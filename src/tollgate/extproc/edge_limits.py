@@ -15,6 +15,8 @@ the ledger row can say the same (:data:`ENVOY_ERROR_CODES`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from tollgate.policy.refusal import PolicyRefusal
@@ -24,10 +26,14 @@ __all__ = [
     "CLIENT_MAX_HEADERS_KB",
     "ENVOY_ERROR_CODES",
     "ENVOY_ERROR_HEADER",
+    "ENVOY_LOCAL_REPLIES",
     "MUTATION_HEADROOM_COUNT",
     "MUTATION_HEADROOM_KB",
+    "EnvoyLocalReply",
     "check_client_headers",
     "check_content_length",
+    "declared_length",
+    "envoy_error_code",
 ]
 
 #: Envoy's default ``max_headers_count``: what a client may send.
@@ -41,16 +47,66 @@ MUTATION_HEADROOM_KB = 8
 
 #: Response header on Envoy's own local replies: the ``code`` of their JSON error body.
 ENVOY_ERROR_HEADER = "x-tollgate-error-code"
-#: The codes Envoy's local replies are given; the ledger's ``block_reason`` for them.
-ENVOY_ERROR_CODES = frozenset(
-    {
-        "upgrade_required",
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyLocalReply:
+    """One kind of Envoy's own local reply: its status and ``%RESPONSE_CODE_DETAILS%``
+    (exact values or prefixes), the error ``code`` Tollgate gives it and its message."""
+
+    status: int
+    code: str
+    message: str
+    details: tuple[str, ...] = ()
+    detail_prefixes: tuple[str, ...] = ()
+
+    def matches(self, status: int | None, details: str) -> bool:
+        return status == self.status and (
+            details in self.details or details.startswith(self.detail_prefixes)
+        )
+
+
+#: Envoy's local replies that Tollgate names. Envoy's config gives each its OpenAI-style body
+#: and :data:`ENVOY_ERROR_HEADER` (a CEL condition built from the same entry); a plan that
+#: skips the response headers reads the status and details from ext_proc's attributes.
+ENVOY_LOCAL_REPLIES: tuple[EnvoyLocalReply, ...] = (
+    EnvoyLocalReply(426, "upgrade_required", "HTTP/1.1 or later is required.", ("low_version",)),
+    EnvoyLocalReply(
+        431,
         "headers_too_large",
-        "body_too_large",
+        f"The request headers exceed {CLIENT_MAX_HEADERS_COUNT} headers or "
+        f"{CLIENT_MAX_HEADERS_KB} KiB.",
+        detail_prefixes=("http1.", "http2."),
+    ),
+    EnvoyLocalReply(
+        413, "body_too_large", "The request body is too large.", ("request_payload_too_large",)
+    ),
+    EnvoyLocalReply(
+        400,
         "invalid_path",
+        "Invalid request path: encoded slashes or backslashes, or a path that cannot be "
+        "normalised.",
+        ("path_normalization_failed",),
+    ),
+    EnvoyLocalReply(
+        400,
         "bad_request",
-    }
+        "The request is not valid HTTP (invalid characters or framing).",
+        detail_prefixes=("http1.", "http2."),
+    ),
 )
+#: The codes Envoy's local replies are given; the ledger's ``block_reason`` for them.
+ENVOY_ERROR_CODES = frozenset(reply.code for reply in ENVOY_LOCAL_REPLIES)
+
+
+def envoy_error_code(status: int | None, details: str) -> str | None:
+    """The code of the Envoy local reply with this status and details, if it is one."""
+    for reply in ENVOY_LOCAL_REPLIES:
+        if reply.matches(status, details):
+            return reply.code
+    return None
+
+
 # Request headers Envoy's connection manager adds before ext_proc sees the request.
 _ENVOY_ADDED = frozenset({"x-request-id", "x-forwarded-proto"})
 

@@ -7,10 +7,16 @@ Envoy only for what its decision and its metering need (see ``docs/adr/011-lean-
 * the request body only when Tollgate must *change* it (``include_usage`` injected, a
   ``provider/model`` prefix rewritten), when a fact cannot come from Envoy, or when bodies
   are logged;
-* the response headers, always (status, content type, an upstream that ignored
-  ``accept-encoding``; and an empty-bodied answer sends nothing else);
+* the response headers, except when the answer is known to be one JSON document (a
+  request Envoy read as not streaming, to an endpoint of :data:`JSON_ANSWER_ENDPOINTS`):
+  then the buffered response body is the only response message, and its status comes with
+  it from Envoy's attributes (:data:`RESPONSE_ATTRIBUTES`);
 * the response body buffered for JSON, streamed only for SSE, not at all for endpoints with
   nothing to meter.
+
+The client's ``x-tollgate-request-id`` is set by Envoy's route from the dynamic metadata
+Tollgate returns with the request headers (:data:`TOLLGATE_NAMESPACE`), so no plan needs the
+response headers for it.
 
 The facts of a JSON request body (model, ``stream``, ``include_usage``, the body's user ids)
 come from Envoy's ``json_to_metadata`` filter, which runs before ext_proc and parses the
@@ -34,7 +40,11 @@ __all__ = [
     "ENVOY_VALUE_LIMIT",
     "FACT_RULES",
     "INCLUDE_USAGE_ENDPOINTS",
+    "JSON_ANSWER_ENDPOINTS",
     "REQUEST_FACTS_NAMESPACE",
+    "REQUEST_ID_KEY",
+    "RESPONSE_ATTRIBUTES",
+    "TOLLGATE_NAMESPACE",
     "UNSURE",
     "EnvoyFacts",
     "facts_from_envoy",
@@ -60,6 +70,31 @@ ENVOY_VALUE_LIMIT: Final = 8192
 # Endpoints whose streams report usage only when asked (``stream_options.include_usage``);
 # their request facts (model, stream, include_usage) can come from Envoy.
 INCLUDE_USAGE_ENDPOINTS: Final = ("/chat/completions", "/completions")
+
+
+# Endpoints whose answer to a request that does not stream is one JSON document (or an error
+# document), so its response headers say nothing Tollgate needs. Not the streaming variants
+# (Gemini's :streamGenerateContent, Bedrock's converse-stream), nor audio or transcriptions,
+# whose answers may be audio or plain text.
+JSON_ANSWER_ENDPOINTS: Final = (
+    "/chat/completions",
+    "/completions",
+    "/embeddings",
+    "/responses",
+    "/messages",
+    ":generateContent",
+    "/converse",
+)
+
+# What Envoy sends with the first response message Tollgate gets (ext_proc attributes):
+# the status and, for Envoy's own local replies, what they were (edge_limits).
+RESPONSE_ATTRIBUTES: Final = ("response.code", "response.code_details")
+
+# Dynamic metadata namespace Tollgate's request-headers answers write (ext_proc receiving
+# namespace); REQUEST_ID_KEY in it becomes the client's x-tollgate-request-id (the route
+# adds the header from it).
+TOLLGATE_NAMESPACE: Final = "tollgate"
+REQUEST_ID_KEY: Final = "request_id"
 
 
 class _Unsure:

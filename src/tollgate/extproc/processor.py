@@ -11,12 +11,13 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import struct_pb2
 
 from tollgate.config import Settings
 from tollgate.extproc import responses
@@ -26,8 +27,14 @@ from tollgate.extproc.edge_limits import (
     check_client_headers,
     check_content_length,
     declared_length,
+    envoy_error_code,
 )
-from tollgate.extproc.plan import INCLUDE_USAGE_ENDPOINTS, UNSURE, facts_from_envoy
+from tollgate.extproc.plan import (
+    INCLUDE_USAGE_ENDPOINTS,
+    JSON_ANSWER_ENDPOINTS,
+    UNSURE,
+    facts_from_envoy,
+)
 from tollgate.extproc.request_body import (
     is_json_content_type,
     multipart_field,
@@ -36,7 +43,7 @@ from tollgate.extproc.request_body import (
 from tollgate.ledger.build import fill_attribution, fill_usage, traceparent
 from tollgate.ledger.records import UsageRecord, new_request_id
 from tollgate.metering import ParsedResponse, UsageParser, parser_for, wants_request_body
-from tollgate.metering.decoding import DecodingParser, decoder_wbits
+from tollgate.metering.decoding import DecodingParser, decoder_wbits, sniffed_wbits
 from tollgate.metering.sse import SSEEventFilter
 from tollgate.metering.usage import RequestFacts
 from tollgate.policy.attribution import (
@@ -199,6 +206,11 @@ class RequestProcessor:
         self._body_routes = False
         self._body_facts = False
         self._body_form = False
+        # The plan skips the response headers: the answer is one buffered JSON document.
+        self._json_answer = False
+        # Envoy holds the response headers until the buffered body is answered (they came to
+        # Tollgate): a failure in the body phase can still be answered with a 500.
+        self._headers_held = False
         self._content_type: bytes | None = None
         self._headers: dict[str, bytes] = {}
         self._path = "/"
@@ -288,16 +300,22 @@ class RequestProcessor:
             # Envoy holds the request (no upstream connection) until the body is answered;
             # the route's headers are set then.
             self._awaiting_body = True
+            self._json_answer = False
             return responses.continue_request_headers(
-                remove=remove, set_headers=set_headers, request_body_mode=responses.BODY_BUFFERED
+                request_id=self._request_id,
+                remove=remove,
+                set_headers=set_headers,
+                request_body_mode=responses.BODY_BUFFERED,
             )
         try:
             route_remove, route_set = self._route_mutation()
         except PolicyRefusal as refusal:
             return self._refuse(refusal)
         return responses.continue_request_headers(
+            request_id=self._request_id,
             remove=[*remove, *route_remove],
             set_headers=[*set_headers, *route_set],
+            json_answer=self._json_answer,
             clear_route_cache=True,
         )
 
@@ -366,6 +384,12 @@ class RequestProcessor:
         if isinstance(model, str) and model:
             # The fallback when the response names no model (as when the body was read).
             self._request_model = safe_text(model)
+        # Known not to stream: the answer is one JSON document, its headers are not needed.
+        self._json_answer = (
+            facts is not None
+            and not facts.flag("stream")
+            and endpoint.endswith(JSON_ANSWER_ENDPOINTS)
+        )
         if not wants_request_body(endpoint):
             return
         if facts is None or not endpoint.endswith(INCLUDE_USAGE_ENDPOINTS):
@@ -517,6 +541,7 @@ class RequestProcessor:
         )
 
     def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+        self._json_answer = False  # the headers came after all: they say what follows
         headers = header_map(msg)
         try:
             self._status = int(headers.get(":status", b"0"))
@@ -527,6 +552,8 @@ class RequestProcessor:
         envoy_error = headers.get(ENVOY_ERROR_HEADER, b"").decode("ascii", "replace")
         if envoy_error in ENVOY_ERROR_CODES:
             self._block_reason = envoy_error
+        # The route sets it too, from the request's metadata; but a request Tollgate's
+        # ext_proc never saw (refused by jwt_authn, seen by the observer) has none there.
         set_headers = [(REQUEST_ID_HEADER, self._request_id.encode())]
         ok = self._status is not None and 200 <= self._status < 300
         content_type = headers.get("content-type", b"").split(b";", 1)[0].strip().lower()
@@ -556,11 +583,20 @@ class RequestProcessor:
         if self._ctx.policy.log_bodies and not self._attribution.logging_disabled:
             self._response_sample = bytearray()
         mode = responses.BODY_STREAMED if self._streamed else responses.BODY_BUFFERED
+        self._headers_held = not self._streamed
         return responses.continue_response_headers(
             set_headers=set_headers, remove=remove, response_body_mode=mode
         )
 
-    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+    def response_body(
+        self, msg: ep.HttpBody, attributes: Mapping[str, struct_pb2.Struct] | None = None
+    ) -> ep.ProcessingResponse:
+        if self._json_answer:
+            self._json_answer = False
+            self._begin_json_answer(attributes or {}, msg.body)
+            if self._parser is None:
+                self._finish(self._outcome_without_body())
+                return responses.continue_response_body()
         if msg.body and self._first_byte_ns is None:
             self._first_byte_ns = self._ctx.monotonic_ns()
         if self._parser is not None:
@@ -575,10 +611,34 @@ class RequestProcessor:
             if msg.end_of_stream:
                 passed += self._filter.flush()
             response = responses.continue_response_body(body=None if passed == msg.body else passed)
-        if msg.end_of_stream:
+        if msg.end_of_stream and self._parser is not None:
             # Last, so that a failure in this phase is recorded as Tollgate's (see ``fail``).
             self._finish(self._outcome_from_usage())
         return response
+
+    def _begin_json_answer(self, attributes: Mapping[str, struct_pb2.Struct], start: bytes) -> None:
+        """The first message of an answer whose headers were skipped: its status (and what an
+        Envoy local reply was) from the message's attributes, its coding from its bytes."""
+        details = ""
+        for struct in attributes.values():
+            fields = struct.fields
+            if "response.code" in fields:
+                self._status = int(fields["response.code"].number_value) or None
+            if "response.code_details" in fields:
+                details = fields["response.code_details"].string_value
+        self._block_reason = envoy_error_code(self._status, details) or self._block_reason
+        route = self._route
+        ok = self._status is not None and 200 <= self._status < 300
+        if not ok or self._endpoint is None or route is None:
+            return
+        # A server that streams although the request did not ask is still metered.
+        self._streamed = start.lstrip()[:5] in (b"data:", b"event")
+        self._parser = parser_for(
+            route.api, self._endpoint, streamed=self._streamed, request=self._facts
+        )
+        wbits = sniffed_wbits(start)
+        if self._parser is not None and wbits is not None:
+            self._parser = DecodingParser(self._parser, wbits)
 
     def close(self) -> None:
         """The ext_proc stream ended. If the exchange did not complete, the client went away.
@@ -603,12 +663,13 @@ class RequestProcessor:
         is already on its way) and say how to fail it closed.
 
         Returns an immediate 500 ``internal_error`` while the client has had no response
-        headers (request headers, request body, response headers, a buffered response body),
-        or None once a streamed response may be under way: the caller then aborts the gRPC
+        headers (request headers, request body, response headers, a buffered response body
+        whose headers Envoy holds), or None once the response may be under way (streamed, or
+        a JSON-answer plan, whose headers went out unseen): the caller then aborts the gRPC
         stream and Envoy answers 500 or resets the response (whichever it still can).
         """
         immediate = phase in ("request_headers", "request_body", "response_headers") or (
-            phase == "response_body" and not self._streamed
+            phase == "response_body" and self._headers_held
         )
         if immediate:
             self._status = 500

@@ -10,6 +10,8 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 
+from tollgate.extproc.plan import REQUEST_ID_KEY, TOLLGATE_NAMESPACE
+
 __all__ = [
     "BODY_BUFFERED",
     "BODY_NONE",
@@ -53,23 +55,34 @@ def _headers_response(
 
 def continue_request_headers(
     *,
+    request_id: str,
     remove: Iterable[str] = (),
     set_headers: Iterable[tuple[str, bytes]] = (),
     request_body_mode: int | None = None,
+    json_answer: bool = False,
     clear_route_cache: bool = False,
 ) -> ep.ProcessingResponse:
     """Let the request go on, with headers removed/set; optionally ask for the request body
     (the headers then wait in Envoy, with no upstream connection, until the body is answered).
 
-    ``clear_route_cache``: Envoy recomputes the route after the mutation (routing headers).
+    ``request_id`` goes into the stream's dynamic metadata, from which Envoy's route sets the
+    client's ``x-tollgate-request-id``. ``json_answer``: the answer is one JSON document, so
+    Envoy skips the response headers and sends the whole body buffered, with the status in
+    its attributes. ``clear_route_cache``: Envoy recomputes the route after the mutation.
     """
     response = ep.ProcessingResponse(request_headers=_headers_response(remove, set_headers))
     response.request_headers.response.clear_route_cache = clear_route_cache
+    response.dynamic_metadata.fields[TOLLGATE_NAMESPACE].struct_value.fields[
+        REQUEST_ID_KEY
+    ].string_value = request_id
     if request_body_mode is not None:
         response.mode_override.request_body_mode = request_body_mode
         # An override replaces the whole mode, and the filter's own default skips response
         # headers (only the route's config asks for them: see envoyconf._ext_proc_filter).
         response.mode_override.response_header_mode = ProcessingMode.SEND
+    elif json_answer:
+        response.mode_override.response_header_mode = ProcessingMode.SKIP
+        response.mode_override.response_body_mode = ProcessingMode.BUFFERED
     return response
 
 

@@ -106,7 +106,7 @@ def _dispatch(p: RequestProcessor, request: ep.ProcessingRequest) -> ep.Processi
     if phase == "response_headers":
         return p.response_headers(request.response_headers)
     if phase == "response_body":
-        return p.response_body(request.response_body)
+        return p.response_body(request.response_body, request.attributes)
     if phase == "request_body":
         return p.request_body(request.request_body)
     if phase == "request_trailers":

@@ -11,9 +11,10 @@ import zlib
 
 from tollgate.metering.usage import ParsedResponse, UsageParser
 
-__all__ = ["DecodingParser", "decoder_wbits"]
+__all__ = ["DecodingParser", "decoder_wbits", "sniffed_wbits"]
 
 _STEP = 1024 * 1024
+_ZLIB_FIRST = frozenset({0x08, 0x18, 0x28, 0x48, 0x58, 0x68, 0x78})
 
 
 def decoder_wbits(content_encoding: bytes | None) -> int | None:
@@ -22,6 +23,19 @@ def decoder_wbits(content_encoding: bytes | None) -> int | None:
     if coding in (b"gzip", b"x-gzip"):
         return 16 + zlib.MAX_WBITS
     if coding == b"deflate":
+        return zlib.MAX_WBITS
+    return None
+
+
+def sniffed_wbits(start: bytes) -> int | None:
+    """zlib ``wbits`` for a body that begins like gzip or zlib (deflate) data, when no header
+    says how it is encoded (a plan that skips the response headers). A JSON document can
+    begin like neither: its first byte is whitespace or one of ``{["-0123456789tfn``."""
+    if start[:2] == b"\x1f\x8b":
+        return 16 + zlib.MAX_WBITS
+    # A zlib header: method 8, a window of at most 32 KiB, a check sum; except its "8" (a
+    # 2 KiB window), which is also how a JSON number begins.
+    if len(start) >= 2 and start[0] in _ZLIB_FIRST and (start[0] << 8 | start[1]) % 31 == 0:
         return zlib.MAX_WBITS
     return None
 
