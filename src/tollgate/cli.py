@@ -11,6 +11,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from tollgate.config import ConfigError, Settings, load_settings, mask_dsn
+from tollgate.ledger.limits import MEASURES, MODES, PERIODS, SCOPES
 
 __all__ = ["main"]
 
@@ -36,6 +37,22 @@ def _when(text: str) -> datetime:
         except ValueError:
             raise argparse.ArgumentTypeError(f"not an ISO date or date-time: {text!r}") from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _limit_options(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    parser.add_argument("--subject", help="the user id or key id (user and key scopes only)")
+    parser.add_argument(
+        "--time-zone",
+        default="UTC" if defaults else None,
+        help="IANA time zone the calendar periods follow (default UTC)",
+    )
+    parser.add_argument("--mode", choices=MODES, default="block" if defaults else None)
+    parser.add_argument(
+        "--thresholds",
+        type=lambda text: [t.strip() for t in text.split(",")],
+        help="alert at these fractions of the maximum (default 0.8,1)",
+    )
+    parser.add_argument("--format", choices=("text", "json"), default="text")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -126,6 +143,34 @@ def _parser() -> argparse.ArgumentParser:
     revoke = keys_sub.add_parser("revoke", help="revoke a key (within key_cache_refresh_s)")
     revoke.add_argument("key_id", metavar="KEY_ID")
 
+    limits = sub.add_parser("limits", help="limits: create, list, show, update, delete")
+    limits_sub = limits.add_subparsers(dest="limits_command", required=True, metavar="ACTION")
+    l_create = limits_sub.add_parser("create", help="create a limit (charged from now on)")
+    l_create.add_argument("limit_id", metavar="LIMIT_ID")
+    l_create.add_argument("--scope", required=True, choices=SCOPES)
+    l_create.add_argument("--measure", required=True, choices=MEASURES)
+    l_create.add_argument("--max", required=True, dest="maximum", help="the most per period")
+    l_create.add_argument("--period", required=True, choices=PERIODS)
+    _limit_options(l_create)
+    l_list = limits_sub.add_parser("list", help="list limits")
+    l_list.add_argument("--format", choices=("table", "json"), default="table")
+    l_show = limits_sub.add_parser("show", help="a limit with its spend in the current period")
+    l_show.add_argument("limit_id", metavar="LIMIT_ID")
+    l_show.add_argument("--subject", help="only this user's (key's) spend")
+    l_show.add_argument("--format", choices=("text", "json"), default="text")
+    l_update = limits_sub.add_parser("update", help="change a limit")
+    l_update.add_argument("limit_id", metavar="LIMIT_ID")
+    l_update.add_argument("--scope", choices=SCOPES)
+    l_update.add_argument("--measure", choices=MEASURES)
+    l_update.add_argument("--max", dest="maximum")
+    l_update.add_argument("--period", choices=PERIODS)
+    l_update.add_argument(
+        "--no-subject", action="store_true", help="charge each user (key) separately"
+    )
+    _limit_options(l_update, defaults=False)
+    l_delete = limits_sub.add_parser("delete", help="delete a limit and its spend")
+    l_delete.add_argument("limit_id", metavar="LIMIT_ID")
+
     reprice = sub.add_parser("reprice", help="fill in costs of rows priced as unknown")
     reprice.add_argument(
         "--since", type=_when, required=True, help="from this ISO date/time (inclusive, UTC)"
@@ -215,6 +260,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         return await _reprice(args, settings)
     if command == "keys":
         return await _keys(args, settings)
+    if command == "limits":
+        return await _limits(args, settings)
     if command == "prune":
         return await _prune(args, settings)
     if command == "demo":
@@ -283,6 +330,69 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 raise AssertionError(action)
     sys.stdout.write(out)
+    return 0
+
+
+async def _limits(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+
+    from tollgate.app import ledger_database, run_migrations
+    from tollgate.ledger import limits as store
+    from tollgate.limits_report import format_limit, format_limit_list
+
+    action: str = args.limits_command
+    async with ledger_database(settings) as url:
+        await run_migrations(url)
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            try:
+                limit: store.Limit | None
+                if action == "list":
+                    sys.stdout.write(format_limit_list(await store.list_limits(conn), args.format))
+                    return 0
+                if action == "delete":
+                    if not await store.delete_limit(conn, args.limit_id):
+                        print(f"tollgate: no limit {args.limit_id!r}", file=sys.stderr)
+                        return 1
+                    sys.stdout.write(f"deleted limit {args.limit_id}\n")
+                    return 0
+                if action == "create":
+                    limit = await store.create_limit(
+                        conn,
+                        limit_id=args.limit_id,
+                        scope=args.scope,
+                        measure=args.measure,
+                        maximum=args.maximum,
+                        period=args.period,
+                        subject=args.subject,
+                        time_zone=args.time_zone,
+                        mode=args.mode,
+                        thresholds=args.thresholds,
+                    )
+                elif action == "update":
+                    limit = await store.update_limit(
+                        conn,
+                        args.limit_id,
+                        scope=args.scope,
+                        measure=args.measure,
+                        maximum=args.maximum,
+                        period=args.period,
+                        subject=args.subject,
+                        clear_subject=args.no_subject,
+                        time_zone=args.time_zone,
+                        mode=args.mode,
+                        thresholds=args.thresholds,
+                    )
+                else:
+                    limit = await store.get_limit(conn, args.limit_id)
+            except store.LimitError as exc:
+                print(f"tollgate: {exc}", file=sys.stderr)
+                return 2
+            if limit is None:
+                print(f"tollgate: no limit {args.limit_id!r}", file=sys.stderr)
+                return 1
+            subject = args.subject if action == "show" else None
+            start, reset, spent = await store.limit_spend(conn, limit, subject)
+    sys.stdout.write(format_limit(limit, start, reset, spent, args.format))
     return 0
 
 

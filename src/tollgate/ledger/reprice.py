@@ -3,9 +3,10 @@
 Rows with ``cost_usd IS NULL`` (not blocked, with usage) in a time range are priced again with
 the current price book (genai-prices plus operator overrides), including those whose usage the
 price library refused (``pricing_error`` set by the writer): a row priced now has its
-``pricing_error`` cleared, one that still cannot be priced keeps it. Each batch updates the rows and
-the ``daily_usage`` rollup in one transaction, and only rows still NULL are touched, so a
-repeated or concurrent run never counts a cost twice.
+``pricing_error`` cleared, one that still cannot be priced keeps it. Each batch updates the
+rows, the ``daily_usage`` rollup and the limits' spend (``ledger.limits``) in one
+transaction, and only rows still NULL are touched, so a repeated or concurrent run never
+counts a cost twice.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import class_row
 
+from tollgate.ledger.limits import RECHARGE_PRICED
 from tollgate.pricing import PriceBook
 
 __all__ = ["RepriceResult", "reprice"]
@@ -59,14 +61,16 @@ LIMIT %(limit)s
 """
 
 # Only rows still unpriced are updated; the rollup gets exactly what the update set.
-_APPLY = """
+_APPLY = f"""
 WITH priced AS (
     UPDATE tollgate.requests AS r SET cost_usd = v.cost, pricing_error = NULL
     FROM (SELECT unnest(%(ids)s::uuid[]) AS request_id,
                  unnest(%(ats)s::timestamptz[]) AS created_at,
                  unnest(%(costs)s::numeric[]) AS cost) AS v
     WHERE r.request_id = v.request_id AND r.created_at = v.created_at AND r.cost_usd IS NULL
-    RETURNING r.created_at, r.end_user_id, r.key_id, r.provider, r.model, r.cost_usd
+    RETURNING r.created_at, r.end_user_id, r.key_id, r.provider, r.model, r.cost_usd,
+              r.outcome, r.limit_ids, r.input_tokens, r.output_tokens
+), recharged AS ({RECHARGE_PRICED}
 ), rolled AS (
     UPDATE tollgate.daily_usage AS d
     SET cost_usd = d.cost_usd + p.cost, unpriced_requests = d.unpriced_requests - p.n

@@ -6,9 +6,9 @@ appends the record to the journal and the writer ships journal records in order,
 ``concurrency`` batches in flight on separate connections, advancing the journal's checkpoint
 over each run of batches committed in order; without a journal (tests, tools) records wait
 in a bounded in-memory queue. Each batch is COPYed into a per-connection staging table and moved
-with ``INSERT … ON CONFLICT DO NOTHING RETURNING``; ``tollgate.daily_usage`` is updated only
-from the rows actually inserted, in the same transaction, so writing a batch twice changes
-nothing.
+with ``INSERT … ON CONFLICT DO NOTHING RETURNING``; ``tollgate.daily_usage`` and the limits'
+spend (``tollgate.limit_spend``, see ``ledger.limits``) are updated only from the rows actually
+inserted, in the same transaction, so writing a batch twice changes nothing.
 
 The writer never stops while the process lives (only :meth:`LedgerWriter.close` ends it):
 
@@ -42,6 +42,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from tollgate.ledger.copy_text import copy_rows
 from tollgate.ledger.journal import Journal, JournalEntry
+from tollgate.ledger.limits import CHARGE_INSERTED
 from tollgate.ledger.records import COLUMNS, OUTCOME_NAMES, UsageRecord, optional, usage_flags
 from tollgate.pricing import PriceBook
 from tollgate.stats import BoundedCounter, Histogram
@@ -106,6 +107,7 @@ WITH inserted AS (
         cost_usd = d.cost_usd + EXCLUDED.cost_usd,
         unpriced_requests = d.unpriced_requests + EXCLUDED.unpriced_requests
     RETURNING 1
+), charged AS ({CHARGE_INSERTED}
 )
 SELECT count(*) FROM inserted
 """
