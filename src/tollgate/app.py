@@ -50,6 +50,7 @@ from tollgate.localstack import (
 from tollgate.metrics import start_http_endpoint
 from tollgate.observe import RequestLog, UsageCounters
 from tollgate.policy.keys import KeyCache
+from tollgate.policy.limits import LimitBook
 from tollgate.pricing import PriceBook, parse_overrides
 from tollgate.routing.allowlist import BaseUriAllowList, InvalidBaseUri
 from tollgate.routing.providers import load_providers
@@ -229,6 +230,8 @@ class Stack:
         self.started = False
         self.draining = False
         self.usage_counters = UsageCounters()
+        # The limits and their spend; the writer's observer tells it which rows committed.
+        self.limits = LimitBook()
         self.database_url = ""
         self.grpc_port = 0
         self.usage_port = 0
@@ -259,6 +262,7 @@ class Stack:
             await self._start_pool()
             self._start_writer()
             await self._start_key_cache()
+            await self._start_limits()
             # Children are forked before gRPC starts its threads (fork with them is unsafe).
             grpc_address = _concrete_address(s.grpc_address)
             if self.options.fake_provider_port is not None:
@@ -371,7 +375,7 @@ class Stack:
     def _observers(self) -> tuple[list[BatchObserver], list[Callable[[], None]]]:
         """What each stored batch is shown to, and how to stop those that need it."""
         s = self.settings
-        observers: list[BatchObserver] = [self.usage_counters]
+        observers: list[BatchObserver] = [self.usage_counters, self.limits.observer]
         stops: list[Callable[[], None]] = []
         if s.log_requests:
             observers.append(RequestLog())
@@ -434,6 +438,17 @@ class Stack:
         )
         self._teardown("the key cache", lambda: _cancelled(refresher))
 
+    async def _start_limits(self) -> None:
+        """Load the limits and their spend before serving, then reload them in the background."""
+        limits = self.limits
+        async with self.pool.connection() as conn:
+            count = await limits.refresh(conn)
+        log.info("limits: %d", count)
+        refresher = asyncio.create_task(
+            limits.run(self.pool, self.settings.limit_cache_refresh_s), name="tollgate-limits"
+        )
+        self._teardown("the limit cache", lambda: _cancelled(refresher))
+
     @property
     def keys(self) -> KeyCache:
         assert self._r.keys is not None
@@ -461,6 +476,8 @@ class Stack:
             router=self.router,
             policy=PolicyConfig.from_settings(s),
             keys=self.keys,
+            limits=self.limits,
+            prices=self.prices,
         )
         extproc = ExternalProcessorServicer(lambda: RequestProcessor(context))
         ep_grpc.add_ExternalProcessorServicer_to_server(extproc, server)

@@ -394,6 +394,13 @@ class Settings:
         minimum=1,
         maximum=86_400,
     )
+    limit_cache_refresh_s: int = _setting(
+        2,
+        "How often each Tollgate reloads the limits and their spend from Postgres, in "
+        "seconds: how stale its view of the other replicas' spend can be (docs/limits.md).",
+        minimum=1,
+        maximum=3_600,
+    )
     log_bodies: bool = _setting(
         False,
         "Log request and response bodies (first 4 KiB each) on the `tollgate.bodies` logger, "

@@ -179,12 +179,14 @@ from tollgate.extproc.edge_limits import (
 )
 from tollgate.extproc.plan import (
     FACT_RULES,
+    LIMIT_REMAINING_KEY,
+    LIMIT_RESET_KEY,
     REQUEST_FACTS_NAMESPACE,
     REQUEST_ID_KEY,
     RESPONSE_ATTRIBUTES,
     TOLLGATE_NAMESPACE,
 )
-from tollgate.policy.headers import REQUEST_ID_HEADER
+from tollgate.policy.headers import LIMIT_REMAINING_HEADER, LIMIT_RESET_HEADER, REQUEST_ID_HEADER
 from tollgate.policy.identity import JWT_METADATA_NAMESPACE, JWT_PAYLOAD_KEY
 from tollgate.routing.envoy_headers import UPSTREAM_HOST_HEADER, UPSTREAM_SCHEME_HEADER
 
@@ -763,16 +765,21 @@ def _forward_route(cluster: str, timeout: datetime.timedelta, *scheme: HeaderMat
     )
 
 
-def _request_id_header() -> HeaderValueOption:
-    """``x-tollgate-request-id`` from the id Tollgate's ext_proc wrote into the request's
-    dynamic metadata (none when it never saw the request: Envoy adds no empty header)."""
-    return HeaderValueOption(
-        header=HeaderValue(
-            key=REQUEST_ID_HEADER,
-            value=f"%DYNAMIC_METADATA({TOLLGATE_NAMESPACE}:{REQUEST_ID_KEY})%",
-        ),
-        append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
-    )
+def _metadata_headers() -> list[HeaderValueOption]:
+    """Response headers from what Tollgate's ext_proc wrote into the request's dynamic
+    metadata: ``x-tollgate-request-id``, and the tightest limit's remainder and reset time.
+    Envoy adds no header whose value is empty (a request Tollgate never saw, no limit)."""
+    return [
+        HeaderValueOption(
+            header=HeaderValue(key=name, value=f"%DYNAMIC_METADATA({TOLLGATE_NAMESPACE}:{key})%"),
+            append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+        for name, key in (
+            (REQUEST_ID_HEADER, REQUEST_ID_KEY),
+            (LIMIT_REMAINING_HEADER, LIMIT_REMAINING_KEY),
+            (LIMIT_RESET_HEADER, LIMIT_RESET_KEY),
+        )
+    ]
 
 
 def _routes(settings: Settings) -> list[Route]:
@@ -836,7 +843,7 @@ def _connection_manager(settings: Settings) -> HttpConnectionManager:
                     domains=["*"],
                     routes=_routes(settings),
                     typed_per_filter_config=_ext_proc_per_route(),
-                    response_headers_to_add=[_request_id_header()],
+                    response_headers_to_add=_metadata_headers(),
                 )
             ],
         ),

@@ -41,6 +41,8 @@ __all__ = [
     "FACT_RULES",
     "INCLUDE_USAGE_ENDPOINTS",
     "JSON_ANSWER_ENDPOINTS",
+    "LIMIT_REMAINING_KEY",
+    "LIMIT_RESET_KEY",
     "REQUEST_FACTS_NAMESPACE",
     "REQUEST_ID_KEY",
     "RESPONSE_ATTRIBUTES",
@@ -95,6 +97,9 @@ RESPONSE_ATTRIBUTES: Final = ("response.code", "response.code_details")
 # adds the header from it).
 TOLLGATE_NAMESPACE: Final = "tollgate"
 REQUEST_ID_KEY: Final = "request_id"
+# The tightest limit's remainder and reset time, for x-tollgate-limit-remaining/-reset.
+LIMIT_REMAINING_KEY: Final = "limit_remaining"
+LIMIT_RESET_KEY: Final = "limit_reset"
 
 
 class _Unsure:

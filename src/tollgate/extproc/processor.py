@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Protocol
 
 from envoy.config.core.v3 import base_pb2
@@ -32,6 +33,8 @@ from tollgate.extproc.edge_limits import (
 from tollgate.extproc.plan import (
     INCLUDE_USAGE_ENDPOINTS,
     JSON_ANSWER_ENDPOINTS,
+    LIMIT_REMAINING_KEY,
+    LIMIT_RESET_KEY,
     UNSURE,
     facts_from_envoy,
 )
@@ -42,6 +45,7 @@ from tollgate.extproc.request_body import (
 )
 from tollgate.ledger.build import fill_attribution, fill_usage, traceparent
 from tollgate.ledger.records import UsageRecord, new_request_id
+from tollgate.ledger.writer import record_cost
 from tollgate.metering import ParsedResponse, UsageParser, parser_for, wants_request_body
 from tollgate.metering.decoding import DecodingParser, decoder_wbits, sniffed_wbits
 from tollgate.metering.sse import SSEEventFilter
@@ -63,8 +67,10 @@ from tollgate.policy.identity import (
     jwt_claim,
 )
 from tollgate.policy.keys import GatewayKey
+from tollgate.policy.limits import LimitBook, LimitState
 from tollgate.policy.refusal import PolicyRefusal
 from tollgate.policy.text import safe_text
+from tollgate.pricing import PriceBook
 from tollgate.routing.mutation import route_mutation
 from tollgate.routing.router import Route, Router
 from tollgate.v1 import usage_pb2
@@ -163,6 +169,9 @@ class ProcessorContext:
     router: Router
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     keys: KeyLookup = field(default_factory=_NoKeys)
+    # Limits to enforce (none: no limits), and the prices a usd limit's local spend needs.
+    limits: LimitBook | None = None
+    prices: PriceBook | None = None
     monotonic_ns: Callable[[], int] = field(default=time.monotonic_ns)
     wall_ns: Callable[[], int] = field(default=time.time_ns)
 
@@ -228,6 +237,10 @@ class RequestProcessor:
         self._parser: UsageParser | None = None
         self._first_byte_ns: int | None = None
         self._finished = False
+        # The limits the request is charged to, and what the client's answer says of them.
+        self._charged: list[tuple[LimitState, str]] = []
+        self._limit_metadata: dict[str, str] = {}
+        self._refused_limit: str | None = None
 
     @property
     def request_id(self) -> str:
@@ -289,6 +302,7 @@ class RequestProcessor:
         if not self._body_decides:
             try:
                 self._decide()
+                self._apply_limits()
             except PolicyRefusal as refusal:
                 return self._refuse(refusal)
         wanted = self._body_decides or self._body_routes or self._body_facts or self._body_form
@@ -303,6 +317,7 @@ class RequestProcessor:
             self._json_answer = False
             return responses.continue_request_headers(
                 request_id=self._request_id,
+                metadata=self._limit_metadata,
                 remove=remove,
                 set_headers=set_headers,
                 request_body_mode=responses.BODY_BUFFERED,
@@ -313,6 +328,7 @@ class RequestProcessor:
             return self._refuse(refusal)
         return responses.continue_request_headers(
             request_id=self._request_id,
+            metadata=self._limit_metadata,
             remove=[*remove, *route_remove],
             set_headers=[*set_headers, *route_set],
             json_answer=self._json_answer,
@@ -340,6 +356,7 @@ class RequestProcessor:
                         if policy.resolver.uses(source):
                             self._candidates[source] = user_id
                     self._decide()
+                    self._apply_limits()
                 if changed:
                     text = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
                     try:
@@ -356,7 +373,11 @@ class RequestProcessor:
         if body_out is not None:
             route_set.append(("content-length", str(len(body_out)).encode()))
         return responses.continue_request_body(
-            remove=route_remove, set_headers=route_set, body=body_out, clear_route_cache=True
+            remove=route_remove,
+            set_headers=route_set,
+            body=body_out,
+            clear_route_cache=True,
+            metadata=self._limit_metadata,
         )
 
     def _plan_body(self, metadata: base_pb2.Metadata | None, length: bytes | None) -> None:
@@ -513,6 +534,37 @@ class RequestProcessor:
         elif self._enforced():
             raise PolicyRefusal.user_id_required()
 
+    def _apply_limits(self) -> None:
+        """Refuse a request charged to a spent block limit (429) or naming an unknown one
+        (422); count an admitted one in its limits, and note the tightest for the client."""
+        book = self._ctx.limits
+        if book is None:
+            return
+        named = self._attribution.limit_ids
+        for limit_id in named:
+            if not book.known(limit_id):
+                raise PolicyRefusal.unknown_limit_id(limit_id)
+        if book.empty:
+            return
+        user = self._identity.user_id if self._identity is not None else None
+        key = self._key.key_id if self._key is not None else None
+        charged = book.limits_of(user, key, named)
+        if not charged:
+            return
+        verdict = book.verdict(charged)
+        if verdict.refused is not None:
+            limit = verdict.refused
+            raise PolicyRefusal.budget_exceeded(
+                limit.limit_id, limit.measure, verdict.reset_at, book.clock()
+            )
+        book.admit(self._request_id, charged)
+        self._charged = charged
+        if verdict.remaining is not None:
+            self._limit_metadata[LIMIT_REMAINING_KEY] = format(verdict.remaining.normalize(), "f")
+        if verdict.reset_at is not None:
+            stamp = verdict.reset_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+            self._limit_metadata[LIMIT_RESET_KEY] = stamp
+
     def _enforced(self) -> bool:
         """Global default, then the key's setting, then the request's override header."""
         policy = self._ctx.policy
@@ -529,6 +581,7 @@ class RequestProcessor:
         keeps the best identity candidate known, even one that policy refused."""
         self._status = refusal.status
         self._block_reason = refusal.code
+        self._refused_limit = refusal.limit_id
         if self._identity is None:
             self._identity = self._ctx.policy.resolver.pick(self._candidates)
         self._finish(usage_pb2.OUTCOME_BLOCKED)
@@ -537,7 +590,7 @@ class RequestProcessor:
             refusal.code,
             refusal.message,
             param=refusal.param,
-            extra_headers=[(REQUEST_ID_HEADER, self._request_id.encode())],
+            extra_headers=[(REQUEST_ID_HEADER, self._request_id.encode()), *refusal.headers],
         )
 
     def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
@@ -731,9 +784,28 @@ class RequestProcessor:
             self._fill(record, parsed)
         except Exception:
             record.outcome = usage_pb2.OUTCOME_INTERNAL_ERROR
+            self._charge(record)
             self._ctx.sink.submit(record)
             raise
+        self._charge(record)
         self._ctx.sink.submit(record)
+
+    def _charge(self, record: UsageRecord) -> None:
+        """Hand the request's spend to its limits (counted here until its row is shipped)."""
+        book = self._ctx.limits
+        if book is None or not self._charged:
+            return
+        usd = None
+        prices = self._ctx.prices
+        if prices is not None and any(state.measure == "usd" for state, _ in self._charged):
+            cost = record_cost(prices, record)
+            usd = cost if isinstance(cost, Decimal) else None
+        book.finish(
+            self._request_id,
+            tokens=record.input_tokens + record.output_tokens,
+            usd=usd,
+            charged=record.outcome != usage_pb2.OUTCOME_BLOCKED,
+        )
 
     def _fill(self, record: UsageRecord, parsed: ParsedResponse | None) -> None:
         """Everything the request and the response said, into ``record``. Every string here
@@ -755,6 +827,8 @@ class RequestProcessor:
         if self._block_reason is not None:
             record.block_reason = self._block_reason
         fill_attribution(record, self._attribution)
+        if self._refused_limit is not None and self._refused_limit not in record.limit_ids:
+            record.limit_ids.append(self._refused_limit)
         if self._first_byte_ns is not None and self._streamed:
             record.ttft_ms = (self._first_byte_ns - self._started_ns) // 1_000_000
         route = self._route

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -56,6 +56,7 @@ def _headers_response(
 def continue_request_headers(
     *,
     request_id: str,
+    metadata: Mapping[str, str] | None = None,
     remove: Iterable[str] = (),
     set_headers: Iterable[tuple[str, bytes]] = (),
     request_body_mode: int | None = None,
@@ -72,9 +73,10 @@ def continue_request_headers(
     """
     response = ep.ProcessingResponse(request_headers=_headers_response(remove, set_headers))
     response.request_headers.response.clear_route_cache = clear_route_cache
-    response.dynamic_metadata.fields[TOLLGATE_NAMESPACE].struct_value.fields[
-        REQUEST_ID_KEY
-    ].string_value = request_id
+    fields = response.dynamic_metadata.fields[TOLLGATE_NAMESPACE].struct_value.fields
+    fields[REQUEST_ID_KEY].string_value = request_id
+    for key, value in (metadata or {}).items():
+        fields[key].string_value = value
     if request_body_mode is not None:
         response.mode_override.request_body_mode = request_body_mode
         # An override replaces the whole mode, and the filter's own default skips response
@@ -104,15 +106,22 @@ def continue_request_body(
     set_headers: Iterable[tuple[str, bytes]] = (),
     body: bytes | None = None,
     clear_route_cache: bool = False,
+    metadata: Mapping[str, str] | None = None,
 ) -> ep.ProcessingResponse:
     """Let a buffered request body go on, optionally replaced, with header changes (they apply
-    because the headers are still held while the body is buffered)."""
+    because the headers are still held while the body is buffered); ``metadata`` is added to
+    the stream's dynamic metadata (namespace ``tollgate``)."""
     common = ep.CommonResponse(
         header_mutation=_mutation(remove, set_headers), clear_route_cache=clear_route_cache
     )
     if body is not None:
         common.body_mutation.body = body
-    return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
+    response = ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
+    if metadata:
+        fields = response.dynamic_metadata.fields[TOLLGATE_NAMESPACE].struct_value.fields
+        for key, value in metadata.items():
+            fields[key].string_value = value
+    return response
 
 
 def continue_response_body(*, body: bytes | None = None) -> ep.ProcessingResponse:

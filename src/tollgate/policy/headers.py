@@ -10,6 +10,8 @@ __all__ = [
     "ATTRIBUTION_HEADERS",
     "CREDENTIAL_HEADERS",
     "FORWARD_PREFIXES",
+    "LIMIT_REMAINING_HEADER",
+    "LIMIT_RESET_HEADER",
     "LIST_HEADERS",
     "REQUEST_ID_HEADER",
     "USER_ID_HEADERS",
@@ -47,6 +49,10 @@ ATTRIBUTION_HEADERS: frozenset[str] = frozenset(
 )
 
 REQUEST_ID_HEADER = "x-tollgate-request-id"
+#: On allowed answers: what remains of the tightest limit the request was charged to (in its
+#: measure) and when its period resets (RFC 3339, UTC; absent for a total limit).
+LIMIT_REMAINING_HEADER = "x-tollgate-limit-remaining"
+LIMIT_RESET_HEADER = "x-tollgate-limit-reset"
 
 
 # Header names that hold lists: repeated headers are combined (RFC 9110 section 5.3). For any

@@ -8,11 +8,15 @@ ledger row with outcome ``blocked`` and ``block_reason`` = ``code``.
       status 401  invalid_gateway_key
       status 403  user_id_mismatch, provider_not_allowed, base_uri_not_allowed
       status 413  body_too_large
-      status 422  user_id_required, invalid_user_id
+      status 422  user_id_required, invalid_user_id, unknown_limit_id
+      status 429  budget_exceeded
       status 500  provider_credentials_missing
 """
 
 from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
 
 __all__ = ["PolicyRefusal"]
 
@@ -20,12 +24,52 @@ __all__ = ["PolicyRefusal"]
 class PolicyRefusal(Exception):
     """Raised by policy code when a request must be answered with an error and not forwarded."""
 
-    def __init__(self, status: int, code: str, message: str, *, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: tuple[tuple[str, bytes], ...] = (),
+        limit_id: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.param = param
+        self.headers = headers  # extra response headers (retry-after)
+        self.limit_id = limit_id  # the limit that refused the request
+
+    @classmethod
+    def budget_exceeded(
+        cls, limit_id: str, measure: str, reset_at: datetime | None, now: datetime
+    ) -> PolicyRefusal:
+        headers: tuple[tuple[str, bytes], ...] = ()
+        if reset_at is None:
+            when = "It does not reset (a total limit)."
+        else:
+            seconds = max(1, math.ceil((reset_at - now).total_seconds()))
+            stamp = reset_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            when, headers = f"It resets at {stamp}.", (("retry-after", str(seconds).encode()),)
+        return cls(
+            429,
+            "budget_exceeded",
+            f"The limit {limit_id!r} ({measure}) is spent for this period. {when}",
+            headers=headers,
+            limit_id=limit_id,
+        )
+
+    @classmethod
+    def unknown_limit_id(cls, limit_id: str) -> PolicyRefusal:
+        return cls(
+            422,
+            "unknown_limit_id",
+            f"The request names a limit that does not exist: {limit_id!r}"
+            " (see `tollgate limits list`).",
+            param="x-tollgate-limit-ids",
+        )
 
     @classmethod
     def user_id_required(cls) -> PolicyRefusal:

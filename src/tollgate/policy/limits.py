@@ -1,0 +1,285 @@
+"""Limits on the request path: which limits a request is charged to, and whether one is spent.
+
+:class:`LimitBook` holds every limit and its current-period spend as Postgres had them at the
+last refresh (``tollgate.limit_spend``, written by the ledger writer: ADR 012), plus this
+replica's own charges that the snapshot may not include yet. The request path never awaits
+Postgres: :meth:`LimitBook.verdict` reads memory only.
+
+What a replica counts on top of the snapshot, per (limit, subject, period):
+
+* every request it admitted and has not finished: one request each (the ``requests``
+  measure's reservation);
+* every request it finished whose row Postgres had not committed when the last refresh
+  began (the writer's batch observer says when a row committed: :meth:`committed`), with
+  its requests, tokens and — for ``usd`` — its cost as the price book says.
+
+A refresh drops the charges committed before it began (the snapshot has them); those
+committed during it stay counted until the next (a brief overcount, never an undercount).
+Other replicas' spend arrives with the refresh: see docs/limits.md for the bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+__all__ = ["Charge", "LimitBook", "LimitState", "Verdict", "period_bounds"]
+
+log = logging.getLogger(__name__)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def period_bounds(period: str, tz: ZoneInfo, now: datetime) -> tuple[datetime, datetime | None]:
+    """(start, end) of the calendar period holding ``now`` in ``tz``, as the SQL function
+    ``tollgate.limit_period_start`` computes the start; ``total`` never ends."""
+    if period == "total":
+        return _EPOCH, None
+    local = now.astimezone(tz).replace(tzinfo=None)
+    if period == "minute":
+        start, step = local.replace(second=0, microsecond=0), timedelta(minutes=1)
+    elif period == "hour":
+        start, step = local.replace(minute=0, second=0, microsecond=0), timedelta(hours=1)
+    else:
+        day = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        if period == "day":
+            start, step = day, timedelta(days=1)
+        elif period == "week":
+            start, step = day - timedelta(days=day.weekday()), timedelta(weeks=1)
+        elif period == "month":
+            start = day.replace(day=1)
+            following = (start + timedelta(days=32)).replace(day=1)
+            return _aware(start, tz), _aware(following, tz)
+        else:
+            raise ValueError(f"unknown period {period!r}")
+    return _aware(start, tz), _aware(start + step, tz)
+
+
+def _aware(local: datetime, tz: ZoneInfo) -> datetime:
+    # Wall time in tz to an instant, as Postgres's `timestamp AT TIME ZONE tz` reads it.
+    return local.replace(tzinfo=tz).astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    limit_id: str
+    scope: str
+    subject: str | None
+    measure: str
+    maximum: Decimal
+    period: str
+    tz: ZoneInfo
+    mode: str
+
+    def subject_of(self, user: str | None, key: str | None) -> str | None:
+        """Whose spend under this limit the request adds to ('' for a single spend), or None
+        when the limit does not charge it."""
+        if self.scope == "global" or self.scope == "named":
+            return ""
+        who = user if self.scope == "user" else key
+        if who is None or (self.subject is not None and self.subject != who):
+            return None
+        return "" if self.subject is not None else who
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A request's limits: the block limit that refuses it (if any), and the tightest one
+    (the least remaining), for the client's x-tollgate-limit-* headers."""
+
+    refused: LimitState | None = None
+    tightest: LimitState | None = None
+    remaining: Decimal | None = None
+    reset_at: datetime | None = None
+
+
+@dataclass
+class Charge:
+    """What one admitted request adds to its limits; filled in when it finishes."""
+
+    keys: list[tuple[str, str, datetime]]
+    requests: int = 1
+    tokens: int = 0
+    usd: Decimal = Decimal(0)
+    finished: bool = False
+    committed_at: float | None = None  # monotonic seconds, from the writer's observer
+
+    def of(self, measure: str) -> Decimal:
+        if measure == "usd":
+            return self.usd
+        return Decimal(self.tokens if measure == "tokens" else self.requests)
+
+
+@dataclass
+class LimitBook:
+    """Limits and their spend (see the module docstring). ``clock`` is injectable."""
+
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    _limits: dict[str, LimitState] = field(default_factory=dict)
+    _by_scope: dict[str, list[LimitState]] = field(default_factory=dict)
+    # (limit_id, subject, period_start) → (usd, tokens, requests) in the last snapshot.
+    _spend: dict[tuple[str, str, datetime], tuple[Decimal, int, int]] = field(default_factory=dict)
+    _charges: dict[str, Charge] = field(default_factory=dict)  # request id → charge
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    loaded: bool = False
+    refresh_failures: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self._limits
+
+    def known(self, limit_id: str) -> bool:
+        state = self._limits.get(limit_id)
+        return state is not None and state.scope == "named"
+
+    def limits_of(
+        self, user: str | None, key: str | None, named: Iterable[str]
+    ) -> list[tuple[LimitState, str]]:
+        """The limits a request is charged to, each with the subject it is charged as."""
+        out = []
+        for scope in ("global", "user", "key"):
+            for state in self._by_scope.get(scope, ()):
+                subject = state.subject_of(user, key)
+                if subject is not None:
+                    out.append((state, subject))
+        for limit_id in dict.fromkeys(named):
+            found = self._limits.get(limit_id)
+            if found is not None and found.scope == "named":
+                out.append((found, ""))
+        return out
+
+    def _spent(self, key: tuple[str, str, datetime], measure: str) -> Decimal:
+        usd, tokens, requests = self._spend.get(key, (Decimal(0), 0, 0))
+        total = usd if measure == "usd" else Decimal(tokens if measure == "tokens" else requests)
+        for charge in self._charges.values():
+            if key in charge.keys:
+                total += charge.of(measure)
+        return total
+
+    def verdict(self, charged: Sequence[tuple[LimitState, str]]) -> Verdict:
+        """Whether a spent block limit refuses the request (in-flight requests count)."""
+        now = self.clock()
+        refused = tightest = None
+        least: Decimal | None = None
+        least_reset: datetime | None = None
+        with self._lock:
+            for state, subject in charged:
+                start, end = period_bounds(state.period, state.tz, now)
+                left = state.maximum - self._spent((state.limit_id, subject, start), state.measure)
+                if left <= 0 and state.mode == "block" and refused is None:
+                    refused, least, least_reset = state, Decimal(0), end
+                if least is None or left < least:
+                    tightest, least, least_reset = state, left, end
+        if refused is not None:
+            return Verdict(refused, refused, Decimal(0), least_reset)
+        return Verdict(
+            None, tightest, None if least is None else max(least, Decimal(0)), least_reset
+        )
+
+    def admit(self, request_id: str, charged: Sequence[tuple[LimitState, str]]) -> None:
+        """Count an admitted request in its limits until it is finished and shipped."""
+        if not charged:
+            return
+        now = self.clock()
+        keys = [
+            (state.limit_id, subject, period_bounds(state.period, state.tz, now)[0])
+            for state, subject in charged
+        ]
+        with self._lock:
+            self._charges[request_id] = Charge(keys)
+
+    def finish(self, request_id: str, *, tokens: int, usd: Decimal | None, charged: bool) -> None:
+        """The request's record was submitted: its spend as recorded (``charged`` False for a
+        blocked one, which no limit is charged)."""
+        with self._lock:
+            charge = self._charges.get(request_id)
+            if charge is None:
+                return
+            if not charged:
+                del self._charges[request_id]
+                return
+            charge.tokens, charge.usd, charge.finished = tokens, usd or Decimal(0), True
+
+    def committed(self, request_ids: Iterable[str]) -> None:
+        """The writer committed these rows (its batch observer; any thread)."""
+        now = time.monotonic()
+        with self._lock:
+            for request_id in request_ids:
+                charge = self._charges.get(request_id)
+                if charge is not None:
+                    charge.committed_at = now
+
+    async def refresh(self, conn: Any) -> int:
+        """Reload every limit and its current-period spend; this replica's charges that were
+        committed before the reload began are dropped (the snapshot holds them)."""
+        began = time.monotonic()
+        cur = await conn.execute(
+            "SELECT limit_id, scope, subject, measure, maximum, period, time_zone, mode"
+            " FROM tollgate.limits"
+        )
+        rows = await cur.fetchall()
+        cur = await conn.execute(
+            "SELECT s.limit_id, s.subject, s.period_start, s.usd, s.tokens, s.requests"
+            " FROM tollgate.limit_spend s JOIN tollgate.limits l USING (limit_id)"
+            " WHERE s.period_start = tollgate.limit_period_start(l.period, l.time_zone, now())"
+        )
+        spend = {(r[0], r[1], r[2]): (r[3], r[4], r[5]) for r in await cur.fetchall()}
+        self.load(
+            [LimitState(r[0], r[1], r[2], r[3], r[4], r[5], ZoneInfo(r[6]), r[7]) for r in rows],
+            spend,
+            began,
+        )
+        return len(rows)
+
+    def load(
+        self,
+        limits: Sequence[LimitState],
+        spend: dict[tuple[str, str, datetime], tuple[Decimal, int, int]],
+        began: float,
+    ) -> None:
+        """Take a snapshot: ``limits``, their ``spend`` by (limit, subject, period start), as
+        read after the monotonic time ``began``."""
+        by_scope: dict[str, list[LimitState]] = defaultdict(list)
+        for state in limits:
+            by_scope[state.scope].append(state)
+        with self._lock:
+            self._limits = {state.limit_id: state for state in limits}
+            self._by_scope, self._spend = dict(by_scope), spend
+            for request_id in [
+                rid
+                for rid, c in self._charges.items()
+                if c.committed_at is not None and c.committed_at < began
+            ]:
+                del self._charges[request_id]
+        self.loaded = True
+
+    async def run(self, pool: Any, interval_s: float) -> None:
+        """Refresh every ``interval_s`` seconds until cancelled; keep the last view on failure
+        (local charges keep counting)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                async with pool.connection() as conn:
+                    await self.refresh(conn)
+            except Exception as exc:
+                self.refresh_failures += 1
+                log.warning(
+                    "limit refresh failed (%d so far), keeping the last view: %s: %s",
+                    self.refresh_failures,
+                    type(exc).__name__,
+                    exc,
+                )
+
+    def observer(self, records: Sequence[Any], costs: Sequence[Any]) -> None:
+        """The ledger writer's batch observer: these rows are committed."""
+        if self._charges:
+            self.committed(r.request_id for r in records)

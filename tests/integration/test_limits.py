@@ -1,0 +1,203 @@
+"""Limits through the real stack (`tollgate up`: Envoy, ext_proc, Postgres, the fake
+provider), made with the real `tollgate limits` command: a spent budget refuses before the
+upstream, for every identity source; named limits; concurrent requests against a nearly
+spent limit; what `tollgate limits show` reports against the ledger."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import openai
+import psycopg
+import pytest
+
+from tests.integration.conftest import (
+    FakeUpstream,
+    RunningTollgate,
+    create_key,
+    running_tollgate,
+    tollgate_command,
+    wait_for_rows,
+)
+
+pytestmark = pytest.mark.integration
+
+MESSAGES = [{"role": "user", "content": "Spend my budget, please."}]
+REFRESH_S = 1
+
+
+@pytest.fixture
+def running(
+    tmp_path: Path, database_url: str, fake_upstream: FakeUpstream
+) -> Iterator[RunningTollgate]:
+    with running_tollgate(
+        tmp_path / "state",
+        database_url,
+        fake_upstream,
+        identity_sources="key,header,body_user",
+        limit_cache_refresh_s=str(REFRESH_S),
+        key_cache_refresh_s=str(REFRESH_S),
+    ) as up:
+        yield up
+
+
+def limits(running: RunningTollgate, *args: str) -> Any:
+    out = tollgate_command(running.env, "limits", *args, "--format", "json")
+    return json.loads(out)
+
+
+def create(running: RunningTollgate, limit_id: str, *args: str) -> None:
+    limits(running, "create", limit_id, *args)
+    time.sleep(REFRESH_S + 0.5)  # every replica's view is at most one refresh old
+
+
+def client(running: RunningTollgate, **headers: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=running.envoy_url, api_key="sk-app", default_headers=headers, max_retries=0
+    )
+
+
+def chat(c: openai.OpenAI, **kwargs: Any) -> Any:
+    return c.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES, **kwargs)
+
+
+def row(database_url: str, request_id: str) -> dict[str, Any]:
+    (found,) = wait_for_rows(database_url, "request_id = %s", (request_id,), 1, timeout_s=10)
+    return found
+
+
+# x-fake-words: 2000 makes the answer 2,000 output tokens: $0.02 at gpt-4o's $10/M.
+EXPENSIVE = {"x-fake-words": "2000"}
+
+
+@pytest.mark.parametrize("source", ["header", "body", "key"])
+def test_a_spent_daily_budget_refuses_before_the_upstream(
+    running: RunningTollgate, database_url: str, fake_upstream: FakeUpstream, source: str
+) -> None:
+    name = f"u1-{source}"
+    plaintext = (
+        create_key(running.env, "budgeted", "--user", name, "--credentials", "passthrough")[0]
+        if source == "key"
+        else ""
+    )
+    create(
+        running,
+        name,
+        "--scope",
+        "user",
+        "--subject",
+        name,
+        "--measure",
+        "usd",
+        "--max",
+        "0.01",
+        "--period",
+        "day",
+    )  # fmt: skip (also waits for the key cache)
+    if source == "key":
+        app = client(running, **{"x-tollgate-key": plaintext, **EXPENSIVE})
+        extra: dict[str, Any] = {}
+    elif source == "header":
+        app = client(running, **{"x-tollgate-user-id": name, **EXPENSIVE})
+        extra = {}
+    else:
+        app = client(running, **EXPENSIVE)
+        extra = {"user": name}
+
+    first = chat(app, **extra)
+    first.parse()
+    # What was left when it was admitted (its own cost is known only after the headers).
+    assert first.headers["x-tollgate-limit-remaining"] == "0.01"
+    assert first.headers["x-tollgate-limit-reset"].endswith("T00:00:00Z")
+    fake_upstream.clear()
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat(app, **extra)
+    response = caught.value.response
+    assert response.json()["error"]["code"] == "budget_exceeded"
+    assert name in response.json()["error"]["message"]
+    assert int(response.headers["retry-after"]) > 0
+    assert fake_upstream.recorded() == {"requests": [], "connections": 0}
+    blocked = row(database_url, response.headers["x-tollgate-request-id"])
+    assert (blocked["outcome"], blocked["block_reason"], blocked["end_user_id"]) == (
+        "blocked",
+        "budget_exceeded",
+        name,
+    )
+    assert name in blocked["limit_ids"]
+    # Another user is not affected.
+    other = client(running, **{"x-tollgate-user-id": "u2"})
+    assert chat(other).parse().usage.completion_tokens > 0
+
+
+def test_named_limits_are_charged_when_named_and_show_equals_the_ledger(
+    running: RunningTollgate, database_url: str
+) -> None:
+    create(running, "team-a", "--scope", "named", "--measure", "tokens", "--max", "1000000",
+           "--period", "month")  # fmt: skip
+    app = client(running, **{"x-tollgate-user-id": "u3"})
+    for header in ("x-tollgate-limit-ids", "xproxy-limit-ids"):
+        raw = app.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=MESSAGES, extra_headers={header: "team-a"}
+        )
+        raw.parse()
+        row(database_url, raw.headers["x-tollgate-request-id"])
+    chat(app).parse()  # not named: not charged
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        app.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, extra_headers={"xproxy-limit-ids": "team-b"}
+        )
+    assert caught.value.response.json()["error"]["code"] == "unknown_limit_id"
+    deadline = time.monotonic() + 10
+    while True:
+        shown = limits(running, "show", "team-a")
+        with psycopg.connect(database_url) as conn:
+            tokens, requests = conn.execute(
+                "SELECT sum(input_tokens + output_tokens), count(*) FROM tollgate.requests"
+                " WHERE 'team-a' = ANY(limit_ids) AND outcome <> 'blocked'"
+            ).fetchone()  # type: ignore[misc]
+        (spend,) = shown["spend"]
+        if spend["requests"] == requests == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert (spend["requests"], spend["tokens"]) == (2, tokens)
+    assert Decimal(spend["remaining"]) == 1_000_000 - tokens
+
+
+def test_concurrent_requests_against_a_nearly_spent_limit_stay_within_it(
+    running: RunningTollgate, database_url: str, fake_upstream: FakeUpstream
+) -> None:
+    # A requests limit counts a request when it is admitted, so one replica admits exactly
+    # what is left (docs/limits.md: the bound for requests is 0 on one replica).
+    create(running, "burst", "--scope", "user", "--subject", "u4", "--measure", "requests",
+           "--max", "5", "--period", "hour")  # fmt: skip
+    app = client(running, **{"x-tollgate-user-id": "u4"})
+    chat(app).parse()  # 1 of 5 spent
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        try:
+            chat(app).parse()
+            result = "ok"
+        except openai.RateLimitError:
+            result = "refused"
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=one) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(outcomes) == 32
+    # In-flight requests count: exactly the 4 left are admitted, whatever the interleaving.
+    assert outcomes.count("ok") == 4
+    assert outcomes.count("ok") + 1 == len(
+        wait_for_rows(database_url, "end_user_id = 'u4' AND outcome = 'ok'", (), 5, timeout_s=10)
+    )

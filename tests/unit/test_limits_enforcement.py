@@ -1,0 +1,278 @@
+"""Limits on the request path (``tollgate.policy.limits`` in the processor): which limits a
+request is charged to, 429 for a spent block limit before any upstream, 422 for an unknown
+named limit, in-flight requests counted, this replica's unshipped spend counted until its
+rows are in a snapshot, periods rolling over on the limit's calendar."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+from tests.unit.doubles import FixedKeys, RecordingSink
+from tests.unit.test_processor_policy import answer_json
+from tollgate.extproc.processor import PolicyConfig, ProcessorContext, RequestProcessor
+from tollgate.policy.identity import IdentityResolver
+from tollgate.policy.keys import GatewayKey
+from tollgate.policy.limits import LimitBook, LimitState, period_bounds
+from tollgate.pricing import PriceBook
+from tollgate.routing.router import Router
+from tollgate.v1 import usage_pb2
+
+UTC_ZONE = ZoneInfo("UTC")
+KEY = GatewayKey("key_0123456789ab", "app", "keyed-user", None, None, True)
+TOKEN = b"tg_" + b"a" * 43
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def limit(limit_id: str, scope: str, measure: str, maximum: str, period: str = "day", **kw: Any):
+    return LimitState(
+        limit_id,
+        scope,
+        kw.get("subject"),
+        measure,
+        Decimal(maximum),
+        period,
+        kw.get("tz", UTC_ZONE),
+        kw.get("mode", "block"),
+    )
+
+
+def book(*limits: LimitState, spend: dict[Any, Any] | None = None, clock: Any = None) -> LimitBook:
+    b = LimitBook(clock=clock or (lambda: datetime.now(UTC)))
+    b.load(list(limits), spend or {}, time.monotonic())
+    return b
+
+
+def processor(sink: RecordingSink, limits: LimitBook) -> RequestProcessor:
+    ctx = ProcessorContext(
+        sink=sink,
+        router=Router.single("openai", "http://up"),
+        policy=PolicyConfig(resolver=IdentityResolver(("key", "header", "body_user"))),
+        keys=FixedKeys({TOKEN: KEY}),
+        limits=limits,
+        prices=PriceBook(),
+    )
+    return RequestProcessor(ctx)
+
+
+def request(*pairs: tuple[str, bytes]) -> ep.HttpHeaders:
+    base = [
+        (":method", b"POST"),
+        (":path", b"/v1/chat/completions"),
+        ("content-type", b"application/json"),
+        ("content-length", b"100"),
+    ]
+    return ep.HttpHeaders(
+        headers=base_pb2.HeaderMap(
+            headers=[base_pb2.HeaderValue(key=k, raw_value=v) for k, v in [*base, *pairs]]
+        )
+    )
+
+
+def user(name: str) -> tuple[str, bytes]:
+    return ("x-tollgate-user-id", name.encode())
+
+
+def call(
+    limits: LimitBook, sink: RecordingSink, *pairs: tuple[str, bytes], answer: dict[str, Any]
+) -> tuple[ep.ProcessingResponse, RequestProcessor]:
+    """A whole chat call (its body read, a JSON answer) when let through; the answer to its
+    request headers."""
+    p = processor(sink, limits)
+    first = p.request_headers(request(*pairs))
+    if first.HasField("request_headers"):
+        body = json.dumps({"model": "gpt-4o", "messages": []}).encode()
+        p.request_body(ep.HttpBody(body=body, end_of_stream=True))
+        answer_json(p, json.dumps(answer))
+    return first, p
+
+
+ANSWER = {"model": "gpt-4o", "usage": {"prompt_tokens": 1000, "completion_tokens": 1000}}
+GPT_4O_COST = Decimal("0.0125")  # 1000 input tokens at $2.50/M, 1000 output at $10/M
+
+
+def refused(answer: ep.ProcessingResponse) -> tuple[int, dict[str, Any], dict[str, bytes]]:
+    immediate = answer.immediate_response
+    headers = {h.header.key: h.header.raw_value for h in immediate.headers.set_headers}
+    return immediate.status.code, json.loads(immediate.body), headers
+
+
+def test_a_spent_budget_refuses_its_user_only_with_429_and_retry_after() -> None:
+    clock = Clock(datetime(2026, 12, 3, 15, 0, tzinfo=UTC))
+    limits = book(limit("u1-daily", "user", "usd", "0.01", subject="u1"), clock=clock)
+    sink = RecordingSink()
+    first, _ = call(limits, sink, user("u1"), answer=ANSWER)
+    assert first.HasField("request_headers")
+    assert sink.records[0].outcome == usage_pb2.OUTCOME_OK
+    # This replica's own spend counts at once: the next request is refused, before upstream.
+    second, _ = call(limits, sink, user("u1"), answer=ANSWER)
+    status, body, headers = refused(second)
+    assert status == 429
+    assert body["error"]["code"] == "budget_exceeded"
+    assert "u1-daily" in body["error"]["message"]
+    assert "2026-12-04T00:00:00Z" in body["error"]["message"]
+    assert headers["retry-after"] == str(9 * 3600).encode()
+    row = sink.records[1]
+    assert (row.outcome, row.block_reason, list(row.limit_ids)) == (
+        usage_pb2.OUTCOME_BLOCKED,
+        "budget_exceeded",
+        ["u1-daily"],
+    )
+    assert row.end_user_id == "u1"
+    third, _ = call(limits, sink, user("u2"), answer=ANSWER)
+    assert third.HasField("request_headers")
+    # After midnight UTC the limit lets u1 through again.
+    clock.now = datetime(2026, 12, 4, 0, 0, 1, tzinfo=UTC)
+    fourth, _ = call(limits, sink, user("u1"), answer=ANSWER)
+    assert fourth.HasField("request_headers")
+
+
+def test_every_identity_source_counts() -> None:
+    limits = book(limit("per-user", "user", "requests", "1"))
+    sink = RecordingSink()
+    keyed = ("authorization", b"Bearer " + TOKEN)
+    for pairs in ([user("keyed-user")], [keyed]):
+        answer, _ = call(limits, sink, *pairs, answer=ANSWER)
+        assert answer.HasField("request_headers") == (pairs[0][0] == "x-tollgate-user-id")
+    assert [r.outcome for r in sink.records] == [
+        usage_pb2.OUTCOME_OK,
+        usage_pb2.OUTCOME_BLOCKED,
+    ]
+
+
+def test_in_flight_requests_count_against_a_requests_limit() -> None:
+    limits = book(limit("burst", "global", "requests", "3"))
+    sink = RecordingSink()
+    open_ = [processor(sink, limits) for _ in range(5)]
+    answers = [p.request_headers(request(user(f"u{i}"))) for i, p in enumerate(open_)]
+    assert [a.HasField("request_headers") for a in answers] == [True, True, True, False, False]
+
+
+def test_rows_in_a_snapshot_are_not_counted_twice() -> None:
+    limits = book(limit("tokens", "global", "tokens", "5000"))
+    sink = RecordingSink()
+    call(limits, sink, user("u1"), answer=ANSWER)
+    request_id = sink.records[0].request_id
+    start = period_bounds("day", UTC_ZONE, datetime.now(UTC))[0]
+    verdict = limits.verdict(limits.limits_of("u1", None, ()))
+    assert verdict.remaining == 3000
+    # The writer committed the row; a refresh that began after that has it in its snapshot.
+    limits.committed([request_id])
+    limits.load(
+        list(limits._limits.values()), {("tokens", "", start): (0, 2000, 1)}, time.monotonic()
+    )
+    assert limits.verdict(limits.limits_of("u1", None, ())).remaining == 3000
+
+
+def test_named_limits_are_charged_only_when_named_and_must_exist() -> None:
+    limits = book(limit("team-a", "named", "requests", "1"))
+    sink = RecordingSink()
+    other, _ = call(limits, sink, user("u1"), answer=ANSWER)
+    assert other.HasField("request_headers")
+    named = ("xproxy-limit-ids", b"team-a")
+    ok, _ = call(limits, sink, user("u1"), named, answer=ANSWER)
+    assert ok.HasField("request_headers")
+    spent, _ = call(limits, sink, user("u1"), ("x-tollgate-limit-ids", b"team-a"), answer=ANSWER)
+    assert refused(spent)[0] == 429
+    unknown, _ = call(limits, sink, user("u1"), ("x-tollgate-limit-ids", b"team-b"), answer=ANSWER)
+    status, body, _ = refused(unknown)
+    assert (status, body["error"]["code"]) == (422, "unknown_limit_id")
+    # Even with no limits defined at all.
+    empty, _ = call(book(), RecordingSink(), user("u1"), named, answer=ANSWER)
+    assert refused(empty)[0] == 422
+
+
+def test_warn_limits_let_requests_through_and_the_tightest_is_told() -> None:
+    limits = book(
+        limit("soft", "user", "requests", "1", mode="warn"),
+        limit("hard", "global", "requests", "100"),
+    )
+    sink = RecordingSink()
+    call(limits, sink, user("u1"), answer=ANSWER)
+    answer, _ = call(limits, sink, user("u1"), answer=ANSWER)
+    assert answer.HasField("request_headers")
+    fields = answer.dynamic_metadata.fields["tollgate"].struct_value.fields
+    assert fields["limit_remaining"].string_value == "0"
+    assert fields["limit_reset"].string_value.endswith("T00:00:00Z")
+    # No limit charged: no header.
+    plain, _ = call(book(), RecordingSink(), user("u1"), answer=ANSWER)
+    assert "limit_remaining" not in plain.dynamic_metadata.fields["tollgate"].struct_value.fields
+
+
+def test_usd_spend_is_priced_as_the_writer_prices_it() -> None:
+    limits = book(limit("usd", "global", "usd", "1"))
+    call(limits, RecordingSink(), user("u1"), answer=ANSWER)
+    remaining = limits.verdict(limits.limits_of("u1", None, ())).remaining
+    assert remaining == Decimal(1) - GPT_4O_COST
+
+
+def test_a_blocked_request_is_not_charged() -> None:
+    limits = book(limit("per-user", "user", "requests", "5"))
+    sink = RecordingSink()
+    p = processor(sink, limits)
+    # Refused before it was admitted (it names a limit that does not exist).
+    p.request_headers(request(user("u1"), ("x-tollgate-limit-ids", b"nope")))
+    assert limits.verdict(limits.limits_of("u1", None, ())).remaining == 5
+
+
+@pytest.mark.parametrize(
+    ("period", "tz", "at", "start", "end"),
+    [
+        (
+            "day",
+            "Asia/Tokyo",
+            "2026-12-02T16:00:00Z",
+            "2026-12-02T15:00:00Z",
+            "2026-12-03T15:00:00Z",
+        ),
+        ("week", "UTC", "2026-12-02T16:00:00Z", "2026-11-30T00:00:00Z", "2026-12-07T00:00:00Z"),
+        (
+            "month",
+            "America/New_York",
+            "2026-12-01T03:00:00Z",
+            "2026-11-01T04:00:00Z",
+            "2026-12-01T05:00:00Z",
+        ),
+        (
+            "hour",
+            "Asia/Kolkata",
+            "2026-12-02T16:10:00Z",
+            "2026-12-02T15:30:00Z",
+            "2026-12-02T16:30:00Z",
+        ),
+        ("minute", "UTC", "2026-12-02T16:10:59Z", "2026-12-02T16:10:00Z", "2026-12-02T16:11:00Z"),
+        # Daylight saving ends in Paris on 2026-10-25: that day has 25 hours.
+        (
+            "day",
+            "Europe/Paris",
+            "2026-10-25T12:00:00Z",
+            "2026-10-24T22:00:00Z",
+            "2026-10-25T23:00:00Z",
+        ),
+        ("total", "UTC", "2026-12-02T16:10:59Z", "1970-01-01T00:00:00Z", None),
+    ],
+)
+def test_periods_follow_the_calendar_as_postgres_computes_them(
+    period: str, tz: str, at: str, start: str, end: str | None
+) -> None:
+    # The same starts as tollgate.limit_period_start (tests/unit/test_limits_ledger.py).
+    def parse(text: str) -> datetime:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+    got = period_bounds(period, ZoneInfo(tz), parse(at))
+    assert got == (parse(start), None if end is None else parse(end))
