@@ -442,7 +442,7 @@ class Stack:
         """Load the limits and their spend before serving, then reload them in the background."""
         limits = self.limits
         async with self.pool.connection() as conn:
-            count = await limits.refresh(conn)
+            count = await limits.refresh(conn, self.settings.limit_cache_refresh_s)
         log.info("limits: %d", count)
         refresher = asyncio.create_task(
             limits.run(self.pool, self.settings.limit_cache_refresh_s), name="tollgate-limits"

@@ -406,6 +406,14 @@ class Settings:
         "Log request and response bodies (first 4 KiB each) on the `tollgate.bodies` logger, "
         "for debugging. A request with `x-tollgate-logging-disable: true` is never logged.",
     )
+    skip_json_response_headers: bool = _setting(
+        False,
+        "One ext_proc message fewer per non-streaming JSON call: Envoy sends Tollgate no "
+        "response headers and the status comes with the body (ADR 011). The headers then reach "
+        "the client before Tollgate has read the body, so a client that hangs up right after "
+        "them leaves its usage unrecorded (`client_aborted`), and so does an answer without a "
+        "body. Off: the headers wait until the usage is journaled.",
+    )
 
     def __repr__(self) -> str:
         parts = []

@@ -72,6 +72,29 @@ def row(database_url: str, request_id: str) -> dict[str, Any]:
     return found
 
 
+def burst(apps: list[openai.OpenAI]) -> list[str]:
+    """One chat call per app, all at once: "ok" or "refused" (429) for each."""
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def one(app: openai.OpenAI) -> None:
+        try:
+            chat(app).parse()
+            result = "ok"
+        except openai.RateLimitError:
+            result = "refused"
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=one, args=(app,)) for app in apps]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(outcomes) == len(apps)
+    return outcomes
+
+
 # x-fake-words: 2000 makes the answer 2,000 output tokens: $0.02 at gpt-4o's $10/M.
 EXPENSIVE = {"x-fake-words": "2000"}
 
@@ -178,26 +201,40 @@ def test_concurrent_requests_against_a_nearly_spent_limit_stay_within_it(
            "--max", "5", "--period", "hour")  # fmt: skip
     app = client(running, **{"x-tollgate-user-id": "u4"})
     chat(app).parse()  # 1 of 5 spent
-    outcomes: list[str] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        try:
-            chat(app).parse()
-            result = "ok"
-        except openai.RateLimitError:
-            result = "refused"
-        with lock:
-            outcomes.append(result)
-
-    threads = [threading.Thread(target=one) for _ in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert len(outcomes) == 32
+    outcomes = burst([app] * 32)
     # In-flight requests count: exactly the 4 left are admitted, whatever the interleaving.
     assert outcomes.count("ok") == 4
     assert outcomes.count("ok") + 1 == len(
         wait_for_rows(database_url, "end_user_id = 'u4' AND outcome = 'ok'", (), 5, timeout_s=10)
     )
+
+
+def test_two_tollgates_on_one_postgres_enforce_one_budget(
+    tmp_path: Path, database_url: str, fake_upstream: FakeUpstream
+) -> None:
+    """Each admits its share of what is left (the remainder / the replicas alive) per refresh,
+    so two do not admit twice the budget. The bound (docs/limits.md), for a requests limit of
+    M with R replicas whose requests finish and ship within a refresh: M + (R-1) * ceil(M/R)."""
+    maximum, replicas = 10, 2
+    settings = {"limit_cache_refresh_s": "1", "identity_sources": "header"}
+    with (
+        running_tollgate(tmp_path / "a", database_url, fake_upstream, **settings) as a,
+        running_tollgate(tmp_path / "b", database_url, fake_upstream, **settings) as b,
+    ):
+        limits(a, "create", "shared", "--scope", "global", "--measure", "requests",
+               "--max", str(maximum), "--period", "hour")  # fmt: skip
+        time.sleep(2.5)  # both have refreshed since: each knows the limit and the other
+        apps = [client(r, **{"x-tollgate-user-id": "u5"}) for r in (a, b)]
+        admitted = 0
+        for _wave in range(3):
+            outcomes = burst([apps[i % 2] for i in range(20)])
+            admitted += outcomes.count("ok")
+            time.sleep(2.5)  # shipped, and both refreshed
+        bound = maximum + (replicas - 1) * -(-maximum // replicas)
+        assert maximum <= admitted <= bound, admitted
+        rows = wait_for_rows(
+            database_url, "end_user_id = 'u5' AND outcome = 'ok'", (), admitted, timeout_s=10
+        )
+        assert len(rows) == admitted
+        shown = limits(a, "show", "shared")
+        assert shown["spend"][0]["requests"] == admitted

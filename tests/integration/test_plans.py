@@ -38,6 +38,7 @@ def running(
         database_url,
         fake_upstream,
         identity_sources="header,body_user,body_metadata_user_id",
+        skip_json_response_headers="true",
     ) as up:
         yield up
 
@@ -87,6 +88,26 @@ def test_header_identified_chat_is_two_messages(
     assert record["input_tokens"] == completion.usage.prompt_tokens
     assert record["output_tokens"] == completion.usage.completion_tokens
     assert record["model"] == completion.model
+
+
+def test_by_default_a_json_answer_keeps_its_response_headers(
+    tmp_path: Path, database_url: str, fake_upstream: FakeUpstream
+) -> None:
+    # Envoy holds them until Tollgate has read the body: a client that hangs up right after
+    # the headers still leaves its usage recorded.
+    with running_tollgate(tmp_path / "default", database_url, fake_upstream) as default:
+        chat = client(default, **{"x-tollgate-user-id": "dora"}).chat.completions
+        sent, raw = counted(
+            default,
+            lambda: chat.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES),
+        )
+        assert sent == {
+            "request_headers": 1,
+            "request_body": 0,
+            "response_headers": 1,
+            "response_body": 1,
+        }
+        assert row(database_url, raw.headers["x-tollgate-request-id"])["outcome"] == "ok"
 
 
 def test_body_user_comes_from_envoy_without_a_body_message(

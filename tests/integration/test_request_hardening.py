@@ -17,6 +17,7 @@ import http.server
 import json
 import threading
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -458,11 +459,12 @@ async def _fault(
     broke off, and the request id from the ledger).
 
     ``reads_body``: the user is a number in the body, which Envoy's reading cannot settle (it
-    reads numbers as doubles), so Tollgate reads the body and the plan keeps the response
-    headers. Otherwise the user is in a header and a non-streaming call is a JSON-answer
-    plan: no response headers, whose answer has left Envoy before the body phase (ADR 011).
+    reads numbers as doubles), so Tollgate reads the body. Otherwise the user is in a header.
+    With ``skip_json_response_headers`` on (the stack's setting), a non-streaming call whose
+    body Tollgate does not read skips the response headers: its answer has left Envoy before
+    the body phase (ADR 011).
     """
-    tag = f"fault-{phase}-{streamed}-{reads_body}".replace(":", "-")
+    tag = f"fault-{phase}-{streamed}-{reads_body}-{uuid.uuid4().hex[:6]}".replace(":", "-")
     headers = [JSON, (FAULT_HEADER, phase), ("x-tollgate-tags", tag)]
     if phase.startswith("response_body:"):
         headers.append(("x-fake-chunk-delay-ms", "200"))  # events one by one, under way
@@ -478,15 +480,17 @@ async def _fault(
 
 
 @pytest.mark.parametrize(
-    ("phase", "streamed", "reads_body"),
+    ("phase", "streamed", "reads_body", "lean"),
     [
-        ("request_headers", False, False),
-        ("request_body", False, True),
-        ("response_headers", False, True),
-        ("response_body", False, True),
-        ("response_body", False, False),
-        ("response_body", True, False),
-        ("response_body:2", True, False),
+        ("request_headers", False, False, False),
+        ("request_body", False, True, False),
+        ("response_headers", False, True, False),
+        ("response_headers", False, False, False),
+        ("response_body", False, True, False),
+        ("response_body", False, False, False),
+        ("response_body", False, False, True),
+        ("response_body", True, False, False),
+        ("response_body:2", True, False, False),
     ],
 )
 async def test_a_raising_handler_fails_closed_and_tollgate_keeps_serving(
@@ -496,21 +500,23 @@ async def test_a_raising_handler_fails_closed_and_tollgate_keeps_serving(
     phase: str,
     streamed: bool,
     reads_body: bool,
+    lean: bool,
 ) -> None:
-    async with running_stack(tmp_path, database_url, fake_upstream.url) as tg:
+    settings = {"skip_json_response_headers": True} if lean else {}
+    async with running_stack(tmp_path, database_url, fake_upstream.url, **settings) as tg:
         fake_upstream.clear()
         reply, request_id = await _fault(tg, phase, streamed=streamed, reads_body=reads_body)
         if streamed and reply is not None:
             # Streamed: a 500 if Envoy had not sent the headers yet, else a reset (reply None).
             assert reply.status == 500, reply.body[:300]
-        if not streamed and (reads_body or phase == "request_headers"):
+        if not streamed and not lean:
             # Envoy still holds the response: Tollgate's own answer reaches the client.
             assert reply is not None
             assert reply.status == 500
             assert reply.json()["error"]["code"] == "internal_error"
             assert reply.request_id == request_id
-        if not streamed and not reads_body and phase == "response_body":
-            # A JSON-answer plan: the headers went out before the body phase, the body never.
+        if lean:
+            # The JSON-answer plan: the headers went out before the body phase, the body never.
             assert reply is None
         if phase in ("request_headers", "request_body"):
             # Failed before the upstream: nothing went out.

@@ -276,3 +276,25 @@ def test_periods_follow_the_calendar_as_postgres_computes_them(
 
     got = period_bounds(period, ZoneInfo(tz), parse(at))
     assert got == (parse(start), None if end is None else parse(end))
+
+
+def test_each_of_several_replicas_admits_its_share_of_the_remainder() -> None:
+    limits = book(limit("shared", "global", "requests", "10"))
+    limits.replicas = 3  # three replicas refreshed lately: each may admit ceil(10 / 3) = 4
+    sink = RecordingSink()
+    admitted = [
+        processor(sink, limits).request_headers(request(user("u1"))).HasField("request_headers")
+        for _ in range(6)
+    ]
+    assert admitted == [True] * 4 + [False] * 2
+    # Shared spend in the snapshot shrinks the remainder each share is cut from.
+    start = period_bounds("day", UTC_ZONE, datetime.now(UTC))[0]
+    later = book(
+        limit("shared", "global", "requests", "10"), spend={("shared", "", start): (0, 0, 8)}
+    )
+    later.replicas = 2
+    admitted = [
+        processor(sink, later).request_headers(request(user("u1"))).HasField("request_headers")
+        for _ in range(3)
+    ]
+    assert admitted == [True, False, False]

@@ -337,6 +337,11 @@ ANSWER = {
 }
 
 
+def lean(sink: RecordingSink) -> RequestProcessor:
+    """A processor with the JSON-answer plan on (``skip_json_response_headers``)."""
+    return processor(sink, skip_json_response_headers=True)
+
+
 def attributes(code: int | None, details: str = "via_upstream") -> dict[str, struct_pb2.Struct]:
     """What Envoy sends with the first response message (ext_proc response_attributes)."""
     struct = struct_pb2.Struct()
@@ -358,9 +363,18 @@ def json_answer(
     return p.response_body(ep.HttpBody(body=body, end_of_stream=True), attributes(code, details))
 
 
+def test_the_json_answer_plan_is_off_by_default() -> None:
+    # Off, Envoy holds the response headers until the usage is journaled.
+    answer = processor(RecordingSink()).request_headers(
+        chat_headers(ALICE), envoy_metadata(model="gpt-4o")
+    )
+    assert not asks_for_body(answer)
+    assert not skips_response_headers(answer)
+
+
 def test_a_json_answer_is_one_buffered_body_message_with_its_status() -> None:
     sink = RecordingSink()
-    p = processor(sink)
+    p = lean(sink)
     answer = p.request_headers(chat_headers(ALICE), envoy_metadata(model="gpt-4o"))
     assert not asks_for_body(answer)
     assert skips_response_headers(answer)
@@ -391,7 +405,7 @@ def test_a_json_answer_is_one_buffered_body_message_with_its_status() -> None:
     ids=["stream", "anthropic-stream", "images", "speech", "gemini-stream", "unread"],
 )
 def test_other_plans_keep_the_response_headers(path: bytes, facts: dict[str, Any] | None) -> None:
-    p = processor(RecordingSink())
+    p = lean(RecordingSink())
     headers = chat_headers(ALICE)
     headers.headers.headers[1].raw_value = path
     answer = p.request_headers(headers, envoy_metadata(**facts) if facts is not None else None)
@@ -409,7 +423,7 @@ def test_other_plans_keep_the_response_headers(path: bytes, facts: dict[str, Any
     ids=["embeddings", "anthropic", "responses", "gemini"],
 )
 def test_every_json_endpoint_skips_them(path: bytes, facts: dict[str, Any]) -> None:
-    p = processor(RecordingSink())
+    p = lean(RecordingSink())
     headers = chat_headers(ALICE)
     headers.headers.headers[1].raw_value = path
     assert skips_response_headers(p.request_headers(headers, envoy_metadata(**facts)))
@@ -417,7 +431,7 @@ def test_every_json_endpoint_skips_them(path: bytes, facts: dict[str, Any]) -> N
 
 def test_an_upstream_error_is_recorded_with_its_status() -> None:
     sink = RecordingSink()
-    p = processor(sink)
+    p = lean(sink)
     p.request_headers(chat_headers(ALICE), envoy_metadata(model="gpt-4o"))
     out = json_answer(p, b'{"error":{"message":"overloaded"}}', 529)
     assert out.HasField("response_body")
@@ -429,14 +443,14 @@ def test_an_upstream_error_is_recorded_with_its_status() -> None:
 
 def test_an_envoy_local_reply_is_named_from_its_details() -> None:
     sink = RecordingSink()
-    p = processor(sink)
+    p = lean(sink)
     p.request_headers(chat_headers(ALICE), envoy_metadata(model="gpt-4o"))
     json_answer(p, b'{"error":{"code":"body_too_large"}}', 413, "request_payload_too_large")
     (record,) = sink.records
     assert (record.outcome, record.block_reason) == (usage_pb2.OUTCOME_BLOCKED, "body_too_large")
     # An upstream's own 413 is its error, not Envoy's.
     sink = RecordingSink()
-    p = processor(sink)
+    p = lean(sink)
     p.request_headers(chat_headers(ALICE), envoy_metadata(model="gpt-4o"))
     json_answer(p, b'{"error":{}}', 413, "via_upstream")
     (record,) = sink.records
@@ -447,7 +461,7 @@ def test_an_envoy_local_reply_is_named_from_its_details() -> None:
 def test_an_encoded_answer_is_metered_from_its_bytes(encode: Any) -> None:
     # No header says how it is encoded (an upstream that ignored accept-encoding: identity).
     sink = RecordingSink()
-    p = processor(sink)
+    p = lean(sink)
     p.request_headers(chat_headers(ALICE), envoy_metadata(model="gpt-4o"))
     out = json_answer(p, encode(json.dumps(ANSWER).encode()))
     assert not out.response_body.response.HasField("body_mutation")
@@ -461,7 +475,7 @@ def test_an_encoded_answer_is_metered_from_its_bytes(encode: Any) -> None:
 
 def test_an_answer_that_streams_anyway_is_metered_as_a_stream() -> None:
     sink = RecordingSink()
-    p = processor(sink)
+    p = lean(sink)
     p.request_headers(chat_headers(ALICE), envoy_metadata(model="gpt-4o-mini"))
     json_answer(p, USAGE_EVENT + b"data: [DONE]\n\n")
     (record,) = sink.records
@@ -475,7 +489,7 @@ def test_an_answer_that_streams_anyway_is_metered_as_a_stream() -> None:
 def test_an_answer_without_status_or_body() -> None:
     # No attributes (an Envoy that sends none): not an answer Tollgate can read as a success.
     sink = RecordingSink()
-    p = processor(sink)
+    p = lean(sink)
     p.request_headers(chat_headers(ALICE), envoy_metadata(model="gpt-4o"))
     json_answer(p, json.dumps(ANSWER).encode(), None)
     (record,) = sink.records
@@ -483,7 +497,7 @@ def test_an_answer_without_status_or_body() -> None:
     # An answer with no body sends this plan no message at all: it looks like a client that
     # went away (docs/adr/011-lean-plans.md); no provider answers these endpoints so.
     sink = RecordingSink()
-    p = processor(sink)
+    p = lean(sink)
     p.request_headers(chat_headers(ALICE), envoy_metadata(model="gpt-4o"))
     p.close()
     (record,) = sink.records

@@ -141,6 +141,8 @@ class PolicyConfig:
     jwt_user_claim: str = "sub"
     max_body_bytes: int = 32 * 1024 * 1024
     log_bodies: bool = False
+    # The JSON-answer plan: no response headers for a non-streaming JSON call (ADR 011).
+    skip_json_response_headers: bool = False
     # Keep the request's W3C traceparent in its record (for the OpenTelemetry span).
     keep_traceparent: bool = False
 
@@ -157,6 +159,7 @@ class PolicyConfig:
             jwt_user_claim=s.jwt_user_claim,
             max_body_bytes=s.max_body_bytes,
             log_bodies=s.log_bodies,
+            skip_json_response_headers=s.skip_json_response_headers,
             keep_traceparent=bool(s.otel_endpoint),
         )
 
@@ -407,7 +410,8 @@ class RequestProcessor:
             self._request_model = safe_text(model)
         # Known not to stream: the answer is one JSON document, its headers are not needed.
         self._json_answer = (
-            facts is not None
+            policy.skip_json_response_headers
+            and facts is not None
             and not facts.flag("stream")
             and endpoint.endswith(JSON_ANSWER_ENDPOINTS)
         )

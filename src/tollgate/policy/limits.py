@@ -15,15 +15,22 @@ What a replica counts on top of the snapshot, per (limit, subject, period):
 
 A refresh drops the charges committed before it began (the snapshot has them); those
 committed during it stay counted until the next (a brief overcount, never an undercount).
-Other replicas' spend arrives with the refresh: see docs/limits.md for the bound.
+
+Other replicas' spend arrives with the refresh. Between two refreshes each replica may use
+only its share of what the snapshot says is left: the remainder divided by the replicas that
+refreshed within :data:`ALIVE_REFRESHES` intervals (``tollgate.limit_replicas``), so replicas
+together admit at most the remainder per window (rounded up to whole requests for a
+``requests`` limit): see docs/limits.md for the bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +39,10 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-__all__ = ["Charge", "LimitBook", "LimitState", "Verdict", "period_bounds"]
+__all__ = ["ALIVE_REFRESHES", "Charge", "LimitBook", "LimitState", "Verdict", "period_bounds"]
+
+#: A replica that refreshed within this many of its intervals counts as alive.
+ALIVE_REFRESHES = 3
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +140,8 @@ class LimitBook:
     _spend: dict[tuple[str, str, datetime], tuple[Decimal, int, int]] = field(default_factory=dict)
     _charges: dict[str, Charge] = field(default_factory=dict)  # request id → charge
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    replica_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    replicas: int = 1  # alive at the last refresh, this one included
     loaded: bool = False
     refresh_failures: int = 0
 
@@ -157,13 +169,22 @@ class LimitBook:
                 out.append((found, ""))
         return out
 
-    def _spent(self, key: tuple[str, str, datetime], measure: str) -> Decimal:
+    def _spent(self, key: tuple[str, str, datetime], measure: str) -> tuple[Decimal, Decimal]:
+        """(spend in the snapshot, this replica's own spend since) under one key."""
         usd, tokens, requests = self._spend.get(key, (Decimal(0), 0, 0))
-        total = usd if measure == "usd" else Decimal(tokens if measure == "tokens" else requests)
+        shared = usd if measure == "usd" else Decimal(tokens if measure == "tokens" else requests)
+        own = Decimal(0)
         for charge in self._charges.values():
             if key in charge.keys:
-                total += charge.of(measure)
-        return total
+                own += charge.of(measure)
+        return shared, own
+
+    def _share(self, state: LimitState, left: Decimal) -> Decimal:
+        """What this replica may use of ``left`` until its next refresh."""
+        if self.replicas <= 1 or left <= 0:
+            return left
+        share = left / self.replicas
+        return Decimal(math.ceil(share)) if state.measure == "requests" else share
 
     def verdict(self, charged: Sequence[tuple[LimitState, str]]) -> Verdict:
         """Whether a spent block limit refuses the request (in-flight requests count)."""
@@ -174,8 +195,10 @@ class LimitBook:
         with self._lock:
             for state, subject in charged:
                 start, end = period_bounds(state.period, state.tz, now)
-                left = state.maximum - self._spent((state.limit_id, subject, start), state.measure)
-                if left <= 0 and state.mode == "block" and refused is None:
+                shared, own = self._spent((state.limit_id, subject, start), state.measure)
+                left = state.maximum - shared - own
+                spent = own >= self._share(state, state.maximum - shared)
+                if spent and state.mode == "block" and refused is None:
                     refused, least, least_reset = state, Decimal(0), end
                 if least is None or left < least:
                     tightest, least, least_reset = state, left, end
@@ -218,10 +241,25 @@ class LimitBook:
                 if charge is not None:
                     charge.committed_at = now
 
-    async def refresh(self, conn: Any) -> int:
+    async def refresh(self, conn: Any, interval_s: float = 2.0) -> int:
         """Reload every limit and its current-period spend; this replica's charges that were
-        committed before the reload began are dropped (the snapshot holds them)."""
+        committed before the reload began are dropped (the snapshot holds them). Marks this
+        replica alive and counts those alive (refreshed within ALIVE_REFRESHES intervals)."""
         began = time.monotonic()
+        await conn.execute(
+            "INSERT INTO tollgate.limit_replicas (replica_id) VALUES (%s)"
+            " ON CONFLICT (replica_id) DO UPDATE SET seen_at = now()",
+            (self.replica_id,),
+        )
+        cur = await conn.execute(
+            "SELECT count(*) FROM tollgate.limit_replicas"
+            " WHERE seen_at > now() - make_interval(secs => %s)",
+            (ALIVE_REFRESHES * interval_s,),
+        )
+        alive = await cur.fetchone()
+        await conn.execute(
+            "DELETE FROM tollgate.limit_replicas WHERE seen_at < now() - interval '1 day'"
+        )
         cur = await conn.execute(
             "SELECT limit_id, scope, subject, measure, maximum, period, time_zone, mode"
             " FROM tollgate.limits"
@@ -238,6 +276,7 @@ class LimitBook:
             spend,
             began,
         )
+        self.replicas = max(1, int(alive[0]) if alive else 1)
         return len(rows)
 
     def load(
@@ -269,7 +308,7 @@ class LimitBook:
             await asyncio.sleep(interval_s)
             try:
                 async with pool.connection() as conn:
-                    await self.refresh(conn)
+                    await self.refresh(conn, interval_s)
             except Exception as exc:
                 self.refresh_failures += 1
                 log.warning(
