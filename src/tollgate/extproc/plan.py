@@ -7,10 +7,11 @@ Envoy only for what its decision and its metering need (see ``docs/adr/011-lean-
 * the request body only when Tollgate must *change* it (``include_usage`` injected, a
   ``provider/model`` prefix rewritten), when a fact cannot come from Envoy, or when bodies
   are logged;
-* the response headers, except when the answer is known to be one JSON document (a
-  request Envoy read as not streaming, to an endpoint of :data:`JSON_ANSWER_ENDPOINTS`):
-  then the buffered response body is the only response message, and its status comes with
-  it from Envoy's attributes (:data:`RESPONSE_ATTRIBUTES`);
+* the response headers, except — with ``skip_json_response_headers``, off by default — when
+  the answer is known to be one JSON document (a request Envoy read as not streaming, to an
+  endpoint of :data:`JSON_ANSWER_ENDPOINTS`): then the buffered response body is the only
+  response message, and its status comes with it from Envoy's attributes
+  (:data:`RESPONSE_ATTRIBUTES`);
 * the response body buffered for JSON, streamed only for SSE, not at all for endpoints with
   nothing to meter.
 
