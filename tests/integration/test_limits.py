@@ -238,3 +238,20 @@ def test_two_tollgates_on_one_postgres_enforce_one_budget(
         assert len(rows) == admitted
         shown = limits(a, "show", "shared")
         assert shown["spend"][0]["requests"] == admitted
+
+
+def test_a_request_whose_max_tokens_alone_exceeds_the_remainder_is_refused(
+    running: RunningTollgate, fake_upstream: FakeUpstream
+) -> None:
+    # Envoy reads max_tokens from the body (json_to_metadata); 2,000 output tokens of gpt-4o
+    # may cost $0.02, more than the $0.01 left.
+    create(running, "u6-daily", "--scope", "user", "--subject", "u6", "--measure", "usd",
+           "--max", "0.01", "--period", "day")  # fmt: skip
+    app = client(running, **{"x-tollgate-user-id": "u6"})
+    fake_upstream.clear()
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat(app, max_tokens=2000)
+    assert caught.value.response.json()["error"]["code"] == "budget_exceeded"
+    assert fake_upstream.recorded()["requests"] == []
+    fits = chat(app, max_tokens=100)
+    assert fits.parse().usage.completion_tokens <= 100

@@ -90,7 +90,13 @@ def test_attribution_headers_never_reach_the_upstream(
 ) -> None:
     with running_tollgate(tmp_path / "state", database_url, fake_upstream) as running:
         token, key_id = create_key(running.env, "strip-test", "--credentials", "passthrough")
-        # The cache reloads every 5 s by default; wait for the new key to be known.
+        # Named limits must exist: the limit-id headers below name these.
+        for limit_id in ("value-1", "value-2"):
+            tollgate_command(
+                running.env, "limits", "create", limit_id, "--scope", "named",
+                "--measure", "requests", "--max", "1000000", "--period", "total",
+            )  # fmt: skip
+        # The caches reload every 5 s (keys) and 2 s (limits) by default: wait for both.
         deadline = time.monotonic() + 15
         sent: list[tuple[str, str]] = []
         for name in sorted(ATTRIBUTION_HEADERS):
@@ -125,10 +131,12 @@ def test_attribution_headers_never_reach_the_upstream(
             ]:
                 conn.putheader(name, value)
             conn.endheaders(body)
-            response = conn.getresponse()
-            answer = response.read()
-            conn.close()
-            if response.status != 401 or time.monotonic() > deadline:
+            try:
+                response = conn.getresponse()
+                answer = response.read()
+            finally:
+                conn.close()
+            if response.status not in (401, 422) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert response.status == 200, answer

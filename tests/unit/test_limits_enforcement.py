@@ -18,6 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from tests.unit.doubles import FixedKeys, RecordingSink
 from tests.unit.test_processor_policy import answer_json
+from tollgate.extproc import responses
 from tollgate.extproc.processor import PolicyConfig, ProcessorContext, RequestProcessor
 from tollgate.policy.identity import IdentityResolver
 from tollgate.policy.keys import GatewayKey
@@ -88,18 +89,31 @@ def user(name: str) -> tuple[str, bytes]:
     return ("x-tollgate-user-id", name.encode())
 
 
+BODY = json.dumps({"model": "gpt-4o", "messages": []}).encode()
+
+
+def begin(p: RequestProcessor, *pairs: tuple[str, bytes]) -> ep.ProcessingResponse:
+    """The request's headers and, when asked for, its body: the answer that let it through
+    or refused it (Envoy read no facts here, so Tollgate reads the body and decides there)."""
+    first = p.request_headers(request(*pairs))
+    if first.mode_override.request_body_mode != responses.BODY_BUFFERED:
+        return first
+    return p.request_body(ep.HttpBody(body=BODY, end_of_stream=True))
+
+
+def let_through(answer: ep.ProcessingResponse) -> bool:
+    return not answer.HasField("immediate_response")
+
+
 def call(
     limits: LimitBook, sink: RecordingSink, *pairs: tuple[str, bytes], answer: dict[str, Any]
 ) -> tuple[ep.ProcessingResponse, RequestProcessor]:
-    """A whole chat call (its body read, a JSON answer) when let through; the answer to its
-    request headers."""
+    """A whole chat call (a JSON answer) when let through; the deciding answer."""
     p = processor(sink, limits)
-    first = p.request_headers(request(*pairs))
-    if first.HasField("request_headers"):
-        body = json.dumps({"model": "gpt-4o", "messages": []}).encode()
-        p.request_body(ep.HttpBody(body=body, end_of_stream=True))
+    decided = begin(p, *pairs)
+    if let_through(decided):
         answer_json(p, json.dumps(answer))
-    return first, p
+    return decided, p
 
 
 ANSWER = {"model": "gpt-4o", "usage": {"prompt_tokens": 1000, "completion_tokens": 1000}}
@@ -117,7 +131,7 @@ def test_a_spent_budget_refuses_its_user_only_with_429_and_retry_after() -> None
     limits = book(limit("u1-daily", "user", "usd", "0.01", subject="u1"), clock=clock)
     sink = RecordingSink()
     first, _ = call(limits, sink, user("u1"), answer=ANSWER)
-    assert first.HasField("request_headers")
+    assert let_through(first)
     assert sink.records[0].outcome == usage_pb2.OUTCOME_OK
     # This replica's own spend counts at once: the next request is refused, before upstream.
     second, _ = call(limits, sink, user("u1"), answer=ANSWER)
@@ -135,11 +149,11 @@ def test_a_spent_budget_refuses_its_user_only_with_429_and_retry_after() -> None
     )
     assert row.end_user_id == "u1"
     third, _ = call(limits, sink, user("u2"), answer=ANSWER)
-    assert third.HasField("request_headers")
+    assert let_through(third)
     # After midnight UTC the limit lets u1 through again.
     clock.now = datetime(2026, 12, 4, 0, 0, 1, tzinfo=UTC)
     fourth, _ = call(limits, sink, user("u1"), answer=ANSWER)
-    assert fourth.HasField("request_headers")
+    assert let_through(fourth)
 
 
 def test_every_identity_source_counts() -> None:
@@ -148,7 +162,7 @@ def test_every_identity_source_counts() -> None:
     keyed = ("authorization", b"Bearer " + TOKEN)
     for pairs in ([user("keyed-user")], [keyed]):
         answer, _ = call(limits, sink, *pairs, answer=ANSWER)
-        assert answer.HasField("request_headers") == (pairs[0][0] == "x-tollgate-user-id")
+        assert let_through(answer) == (pairs[0][0] == "x-tollgate-user-id")
     assert [r.outcome for r in sink.records] == [
         usage_pb2.OUTCOME_OK,
         usage_pb2.OUTCOME_BLOCKED,
@@ -159,8 +173,8 @@ def test_in_flight_requests_count_against_a_requests_limit() -> None:
     limits = book(limit("burst", "global", "requests", "3"))
     sink = RecordingSink()
     open_ = [processor(sink, limits) for _ in range(5)]
-    answers = [p.request_headers(request(user(f"u{i}"))) for i, p in enumerate(open_)]
-    assert [a.HasField("request_headers") for a in answers] == [True, True, True, False, False]
+    answers = [begin(p, user(f"u{i}")) for i, p in enumerate(open_)]
+    assert [let_through(a) for a in answers] == [True, True, True, False, False]
 
 
 def test_rows_in_a_snapshot_are_not_counted_twice() -> None:
@@ -183,10 +197,10 @@ def test_named_limits_are_charged_only_when_named_and_must_exist() -> None:
     limits = book(limit("team-a", "named", "requests", "1"))
     sink = RecordingSink()
     other, _ = call(limits, sink, user("u1"), answer=ANSWER)
-    assert other.HasField("request_headers")
+    assert let_through(other)
     named = ("xproxy-limit-ids", b"team-a")
     ok, _ = call(limits, sink, user("u1"), named, answer=ANSWER)
-    assert ok.HasField("request_headers")
+    assert let_through(ok)
     spent, _ = call(limits, sink, user("u1"), ("x-tollgate-limit-ids", b"team-a"), answer=ANSWER)
     assert refused(spent)[0] == 429
     unknown, _ = call(limits, sink, user("u1"), ("x-tollgate-limit-ids", b"team-b"), answer=ANSWER)
@@ -205,7 +219,7 @@ def test_warn_limits_let_requests_through_and_the_tightest_is_told() -> None:
     sink = RecordingSink()
     call(limits, sink, user("u1"), answer=ANSWER)
     answer, _ = call(limits, sink, user("u1"), answer=ANSWER)
-    assert answer.HasField("request_headers")
+    assert let_through(answer)
     fields = answer.dynamic_metadata.fields["tollgate"].struct_value.fields
     assert fields["limit_remaining"].string_value == "0"
     assert fields["limit_reset"].string_value.endswith("T00:00:00Z")
@@ -226,7 +240,7 @@ def test_a_blocked_request_is_not_charged() -> None:
     sink = RecordingSink()
     p = processor(sink, limits)
     # Refused before it was admitted (it names a limit that does not exist).
-    p.request_headers(request(user("u1"), ("x-tollgate-limit-ids", b"nope")))
+    begin(p, user("u1"), ("x-tollgate-limit-ids", b"nope"))
     assert limits.verdict(limits.limits_of("u1", None, ())).remaining == 5
 
 
@@ -282,10 +296,7 @@ def test_each_of_several_replicas_admits_its_share_of_the_remainder() -> None:
     limits = book(limit("shared", "global", "requests", "10"))
     limits.replicas = 3  # three replicas refreshed lately: each may admit ceil(10 / 3) = 4
     sink = RecordingSink()
-    admitted = [
-        processor(sink, limits).request_headers(request(user("u1"))).HasField("request_headers")
-        for _ in range(6)
-    ]
+    admitted = [let_through(begin(processor(sink, limits), user("u1"))) for _ in range(6)]
     assert admitted == [True] * 4 + [False] * 2
     # Shared spend in the snapshot shrinks the remainder each share is cut from.
     start = period_bounds("day", UTC_ZONE, datetime.now(UTC))[0]
@@ -293,8 +304,51 @@ def test_each_of_several_replicas_admits_its_share_of_the_remainder() -> None:
         limit("shared", "global", "requests", "10"), spend={("shared", "", start): (0, 0, 8)}
     )
     later.replicas = 2
-    admitted = [
-        processor(sink, later).request_headers(request(user("u1"))).HasField("request_headers")
-        for _ in range(3)
-    ]
+    admitted = [let_through(begin(processor(sink, later), user("u1"))) for _ in range(3)]
     assert admitted == [True, False, False]
+
+
+@pytest.mark.parametrize(("cap", "admitted"), [(2000, False), (100, True), (None, True)])
+def test_a_request_whose_output_cap_alone_would_exceed_the_remainder_is_refused(
+    cap: int | None, admitted: bool
+) -> None:
+    # $0.01 left; 2,000 output tokens of gpt-4o may cost $0.02, 100 cost $0.001. Without a
+    # cap only the input (the body's size / 4 tokens) is reserved.
+    limits = book(limit("u1-daily", "user", "usd", "0.01", subject="u1"))
+    sink = RecordingSink()
+    p = processor(sink, limits)
+    first = p.request_headers(request(user("u1")))
+    assert let_through(first)  # the body is read first: the check follows it
+    body: dict[str, Any] = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    if cap is not None:
+        body["max_tokens"] = cap
+    answer = p.request_body(ep.HttpBody(body=json.dumps(body).encode(), end_of_stream=True))
+    if admitted:
+        assert answer.HasField("request_body")
+        fields = answer.dynamic_metadata.fields["tollgate"].struct_value.fields
+        assert fields["limit_remaining"].string_value == "0.01"
+    else:
+        status, error, _ = refused(answer)
+        assert (status, error["error"]["code"]) == (429, "budget_exceeded")
+        (row,) = sink.records
+        assert (row.outcome, row.block_reason) == (usage_pb2.OUTCOME_BLOCKED, "budget_exceeded")
+
+
+def test_a_reservation_counts_until_the_request_is_finished() -> None:
+    limits = book(limit("tokens", "global", "tokens", "3000"))
+    sink = RecordingSink()
+    held = processor(sink, limits)
+    held.request_headers(request(user("u1")))
+    held.request_body(
+        ep.HttpBody(body=json.dumps({"model": "gpt-4o", "max_tokens": 2500}).encode())
+    )
+    # 2,500 output tokens plus the input are reserved: a second such request does not fit.
+    second = processor(sink, limits)
+    second.request_headers(request(user("u2")))
+    answer = second.request_body(
+        ep.HttpBody(body=json.dumps({"model": "gpt-4o", "max_tokens": 2500}).encode())
+    )
+    assert refused(answer)[0] == 429
+    # Finished: its actual 2,000 tokens replace the reservation.
+    answer_json(held, json.dumps(ANSWER))
+    assert limits.verdict(limits.limits_of("u1", None, ())).remaining == 1000

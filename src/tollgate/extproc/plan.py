@@ -44,6 +44,7 @@ __all__ = [
     "JSON_ANSWER_ENDPOINTS",
     "LIMIT_REMAINING_KEY",
     "LIMIT_RESET_KEY",
+    "OUTPUT_CAP_FACTS",
     "REQUEST_FACTS_NAMESPACE",
     "REQUEST_ID_KEY",
     "RESPONSE_ATTRIBUTES",
@@ -64,7 +65,20 @@ FACT_RULES: Final[Mapping[str, tuple[str, ...]]] = {
     "user": ("user",),
     "safety_identifier": ("safety_identifier",),
     "metadata_user_id": ("metadata", "user_id"),
+    # The most output a request allows: what a usd or tokens limit reserves for it.
+    "max_tokens": ("max_tokens",),
+    "max_completion_tokens": ("max_completion_tokens",),
+    "max_output_tokens": ("max_output_tokens",),
+    "gemini_max_output_tokens": ("generationConfig", "maxOutputTokens"),
 }
+
+# The keys of FACT_RULES that cap the output, most specific first.
+OUTPUT_CAP_FACTS: Final = (
+    "max_completion_tokens",
+    "max_output_tokens",
+    "gemini_max_output_tokens",
+    "max_tokens",
+)
 
 # json_to_metadata writes no string longer than this many bytes: it treats the key as
 # missing instead. Only a body longer than this can hide such a string.
@@ -130,6 +144,14 @@ class EnvoyFacts:
     def flag(self, key: str) -> bool:
         """A boolean the body sets to ``true`` (anything else, or missing, is false)."""
         return self.values.get(key) is True
+
+    def output_cap(self) -> int | None:
+        """The body's cap on output tokens, when it sets one as a whole positive number."""
+        for key in OUTPUT_CAP_FACTS:
+            value = self.values.get(key)
+            if isinstance(value, float) and value.is_integer() and value > 0:
+                return int(value)
+        return None
 
     def model(self) -> str | _Unsure | None:
         """The body's ``model`` string, None when it has none, UNSURE when Envoy cannot say."""

@@ -100,6 +100,25 @@ _INTERNAL_ERROR_MESSAGE = (
 )
 
 
+# Bytes of a request body per token, to estimate its input from its size (an upper bound for
+# chat bodies: JSON keys and quotes are bytes that are not tokens).
+_BYTES_PER_TOKEN = 4
+
+
+def output_cap(document: dict[str, Any]) -> int | None:
+    """A request body's cap on output tokens (OpenAI, Anthropic, Responses, Gemini)."""
+    config = document.get("generationConfig")
+    for value in (
+        document.get("max_completion_tokens"),
+        document.get("max_output_tokens"),
+        config.get("maxOutputTokens") if isinstance(config, dict) else None,
+        document.get("max_tokens"),
+    ):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def _is_usage_only_chunk(data: bytes) -> bool:
     """The chunk ``include_usage`` adds: empty ``choices`` and a ``usage`` object."""
     if b'"usage"' not in data:
@@ -244,6 +263,9 @@ class RequestProcessor:
         self._charged: list[tuple[LimitState, str]] = []
         self._limit_metadata: dict[str, str] = {}
         self._refused_limit: str | None = None
+        # What a usd or tokens limit reserves: the body's output cap and its declared size.
+        self._output_cap: int | None = None
+        self._body_length: int | None = None
 
     @property
     def request_id(self) -> str:
@@ -302,13 +324,14 @@ class RequestProcessor:
         log_body = body_readable and policy.log_bodies and not att.logging_disabled
         remove = list(att.strip)
         set_headers = [("accept-encoding", b"identity")]
+        wanted = self._body_decides or self._body_routes or self._body_facts or self._body_form
         if not self._body_decides:
             try:
                 self._decide()
-                self._apply_limits()
+                if not (wanted or log_body):
+                    self._apply_limits()  # else once the body is read (its output cap)
             except PolicyRefusal as refusal:
                 return self._refuse(refusal)
-        wanted = self._body_decides or self._body_routes or self._body_facts or self._body_form
         if wanted or log_body:
             try:
                 check_content_length(headers.get("content-length"), policy.max_body_bytes)
@@ -359,7 +382,6 @@ class RequestProcessor:
                         if policy.resolver.uses(source):
                             self._candidates[source] = user_id
                     self._decide()
-                    self._apply_limits()
                 if changed:
                     text = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
                     try:
@@ -370,6 +392,9 @@ class RequestProcessor:
                         body_out = json.dumps(document, separators=(",", ":")).encode()
                     # The new body is sent uncompressed, whatever encoding the client used.
                     self._body_decoded = bool(self._content_encoding)
+            if self._body_length is None:
+                self._body_length = len(msg.body)
+            self._apply_limits()
             route_remove, route_set = self._route_mutation()
         except PolicyRefusal as refusal:
             return self._refuse(refusal)
@@ -390,7 +415,10 @@ class RequestProcessor:
         policy = self._ctx.policy
         router = self._ctx.router
         endpoint = self._endpoint or ""
-        facts = facts_from_envoy(metadata, declared_length(length))
+        self._body_length = declared_length(length)
+        facts = facts_from_envoy(metadata, self._body_length)
+        if facts is not None:
+            self._output_cap = facts.output_cap()
         if policy.resolver.wants_body(self._candidates):
             found = facts.user_ids() if facts is not None else UNSURE
             if isinstance(found, dict):
@@ -434,6 +462,7 @@ class RequestProcessor:
             self._request_model = model = safe_text(model)
             if self._body_routes:
                 changed = self._route_by_model(document, model)
+        self._output_cap = output_cap(document)
         stream = document.get("stream") is True
         text = document.get("input")
         count = document.get("n")
@@ -555,19 +584,42 @@ class RequestProcessor:
         charged = book.limits_of(user, key, named)
         if not charged:
             return
-        verdict = book.verdict(charged)
+        tokens, usd = self._reservation(charged)
+        verdict = book.verdict(charged, tokens=tokens, usd=usd)
         if verdict.refused is not None:
             limit = verdict.refused
             raise PolicyRefusal.budget_exceeded(
                 limit.limit_id, limit.measure, verdict.reset_at, book.clock()
             )
-        book.admit(self._request_id, charged)
+        book.admit(self._request_id, charged, tokens=tokens, usd=usd)
         self._charged = charged
         if verdict.remaining is not None:
             self._limit_metadata[LIMIT_REMAINING_KEY] = format(verdict.remaining.normalize(), "f")
         if verdict.reset_at is not None:
             stamp = verdict.reset_at.strftime("%Y-%m-%dT%H:%M:%SZ")
             self._limit_metadata[LIMIT_RESET_KEY] = stamp
+
+    def _reservation(self, charged: list[tuple[LimitState, str]]) -> tuple[int, Decimal]:
+        """The most the request may cost, as a tokens and a usd limit count it until it is
+        finished: its output cap (``max_tokens`` and the like) plus its body's size in
+        tokens as an upper estimate of its input (about 4 bytes a token; JSON adds more).
+        Without an output cap only the input is reserved (docs/limits.md: the bound)."""
+        measures = {state.measure for state, _ in charged}
+        if not measures & {"tokens", "usd"}:
+            return 0, Decimal(0)
+        tokens_in = (self._body_length or 0) // _BYTES_PER_TOKEN
+        tokens_out = self._output_cap or 0
+        usd = Decimal(0)
+        prices, route = self._ctx.prices, self._route
+        if "usd" in measures and prices is not None and route is not None:
+            cost = prices.cost(
+                route.provider,
+                self._request_model,
+                input_tokens=tokens_in,
+                output_tokens=tokens_out,
+            )
+            usd = cost if isinstance(cost, Decimal) else Decimal(0)
+        return tokens_in + tokens_out, usd
 
     def _enforced(self) -> bool:
         """Global default, then the key's setting, then the request's override header."""

@@ -112,6 +112,12 @@ class Verdict:
     reset_at: datetime | None = None
 
 
+def _need(measure: str, tokens: int, usd: Decimal) -> Decimal:
+    if measure == "requests":
+        return Decimal(1)
+    return Decimal(tokens) if measure == "tokens" else usd
+
+
 @dataclass
 class Charge:
     """What one admitted request adds to its limits; filled in when it finishes."""
@@ -186,8 +192,15 @@ class LimitBook:
         share = left / self.replicas
         return Decimal(math.ceil(share)) if state.measure == "requests" else share
 
-    def verdict(self, charged: Sequence[tuple[LimitState, str]]) -> Verdict:
-        """Whether a spent block limit refuses the request (in-flight requests count)."""
+    def verdict(
+        self,
+        charged: Sequence[tuple[LimitState, str]],
+        *,
+        tokens: int = 0,
+        usd: Decimal = Decimal(0),
+    ) -> Verdict:
+        """Whether a block limit refuses the request: spent, or too little left for what the
+        request reserves (one request; ``tokens`` and ``usd`` at most)."""
         now = self.clock()
         refused = tightest = None
         least: Decimal | None = None
@@ -197,7 +210,9 @@ class LimitBook:
                 start, end = period_bounds(state.period, state.tz, now)
                 shared, own = self._spent((state.limit_id, subject, start), state.measure)
                 left = state.maximum - shared - own
-                spent = own >= self._share(state, state.maximum - shared)
+                share = self._share(state, state.maximum - shared)
+                need = _need(state.measure, tokens, usd)
+                spent = own + need > share if need > 0 else own >= share
                 if spent and state.mode == "block" and refused is None:
                     refused, least, least_reset = state, Decimal(0), end
                 if least is None or left < least:
@@ -208,8 +223,16 @@ class LimitBook:
             None, tightest, None if least is None else max(least, Decimal(0)), least_reset
         )
 
-    def admit(self, request_id: str, charged: Sequence[tuple[LimitState, str]]) -> None:
-        """Count an admitted request in its limits until it is finished and shipped."""
+    def admit(
+        self,
+        request_id: str,
+        charged: Sequence[tuple[LimitState, str]],
+        *,
+        tokens: int = 0,
+        usd: Decimal = Decimal(0),
+    ) -> None:
+        """Count an admitted request in its limits until it is finished and shipped: what
+        it reserves until it is finished, then what it spent."""
         if not charged:
             return
         now = self.clock()
@@ -218,7 +241,7 @@ class LimitBook:
             for state, subject in charged
         ]
         with self._lock:
-            self._charges[request_id] = Charge(keys)
+            self._charges[request_id] = Charge(keys, tokens=tokens, usd=usd)
 
     def finish(self, request_id: str, *, tokens: int, usd: Decimal | None, charged: bool) -> None:
         """The request's record was submitted: its spend as recorded (``charged`` False for a
