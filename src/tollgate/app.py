@@ -32,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from psycopg_pool import AsyncConnectionPool
 
+from tollgate.alerts import AlertSink
 from tollgate.config import ConfigError, Settings, mask_dsn
 from tollgate.envoyadmin import start_drain, wait_until_idle
 from tollgate.extproc.processor import PolicyConfig, ProcessorContext, RequestProcessor
@@ -171,6 +172,26 @@ def _read_pem(path: str) -> bytes:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
 
 
+def alert_sink(settings: Settings) -> AlertSink:
+    """The limit alert sink; with a webhook URL, its secret must be readable and non-empty."""
+    if not settings.alert_webhook_url:
+        return AlertSink()
+    if not settings.alert_webhook_url.startswith(("https://", "http://")):
+        raise ConfigError("alert_webhook_url must be an http:// or https:// URL")
+    path = settings.alert_webhook_secret_file
+    if not path:
+        raise ConfigError("alert_webhook_url needs alert_webhook_secret_file (the HMAC secret)")
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"alert_webhook_secret_file: cannot read {path}: {exc.strerror}"
+        ) from None
+    if not secret:
+        raise ConfigError("alert_webhook_secret_file is empty")
+    return AlertSink(settings.alert_webhook_url, secret)
+
+
 def usage_service_token(settings: Settings) -> str:
     """The token UsageService callers must send, from the setting or its file."""
     token = settings.usage_service_token
@@ -232,6 +253,7 @@ class Stack:
         self.usage_counters = UsageCounters()
         # The limits and their spend; the writer's observer tells it which rows committed.
         self.limits = LimitBook()
+        self.alerts = alert_sink(settings)
         self.database_url = ""
         self.grpc_port = 0
         self.usage_port = 0
@@ -416,6 +438,7 @@ class Stack:
             reject_when_full=s.journal_full_policy == "reject",
             concurrency=s.writer_concurrency,
             observers=observers,
+            on_alerts=self.alerts,
         )
         self._r.writer = writer
         self._teardown("the batch observers", lambda: self._stop_observers(stop_observers))
@@ -425,6 +448,8 @@ class Stack:
         self._teardown("the journal fsync task", lambda: _cancelled(fsync))
         writer.start()
         self._teardown("the ledger writer", lambda: writer.close(timeout_s=5.0))
+        deliveries = asyncio.create_task(self.alerts.run(), name="tollgate-alert-webhook")
+        self._teardown("the alert webhook", lambda: _cancelled(deliveries))
 
     async def _start_key_cache(self) -> None:
         """Load the gateway keys before serving, then reload them in the background."""

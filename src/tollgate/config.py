@@ -406,6 +406,16 @@ class Settings:
         "Log request and response bodies (first 4 KiB each) on the `tollgate.bodies` logger, "
         "for debugging. A request with `x-tollgate-logging-disable: true` is never logged.",
     )
+    alert_webhook_url: str = _setting(
+        "",
+        "Where limit alerts are POSTed as signed JSON (docs/limits.md); empty: alerts are "
+        "only logged and counted. Configuration only, never taken from a request.",
+    )
+    alert_webhook_secret_file: str = _setting(
+        "",
+        "File holding the secret the alert webhook's `x-tollgate-signature` (HMAC-SHA256) is "
+        "made with; required with `alert_webhook_url`.",
+    )
     skip_json_response_headers: bool = _setting(
         False,
         "One ext_proc message fewer per non-streaming JSON call: Envoy sends Tollgate no "

@@ -56,6 +56,7 @@ class StackCollector(Collector):
         yield from self._ledger()
         yield from self._extproc()
         yield from self._keys()
+        yield from self._limits()
 
     def _requests(self) -> Iterator[Metric]:
         stats = self._stack.writer.stats
@@ -219,13 +220,46 @@ class StackCollector(Collector):
             value=keys.refresh_failures,
         )
 
+    def _limits(self) -> Iterator[Metric]:
+        limits, alerts = self._stack.limits, self._stack.alerts
+        yield GaugeMetricFamily(
+            "tollgate_limit_replicas",
+            "Tollgate replicas sharing the limits at the last refresh (this one included)",
+            value=limits.replicas,
+        )
+        yield CounterMetricFamily(
+            "tollgate_limit_refresh_failures",
+            "Failed reloads of the limits and their spend (the last view stays in use)",
+            value=limits.refresh_failures,
+        )
+        fired = CounterMetricFamily(
+            "tollgate_limit_alerts",
+            "Limit thresholds crossed (each once per limit, subject and period)",
+            labels=["limit_id", "threshold"],
+        )
+        for (limit_id, threshold), count in sorted(alerts.fired.items()):
+            fired.add_metric([limit_id, threshold], count)
+        yield fired
+        yield _labelled(
+            "tollgate_alert_webhook_deliveries",
+            "Alert webhook deliveries: ok, attempt_failed (each failed try), gave_up",
+            "result",
+            alerts.deliveries,
+        )
+
+
+def _labelled(
+    name: str, documentation: str, label: str, counts: Mapping[str, int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in sorted(counts.items()):
+        family.add_metric([value], count)
+    return family
+
 
 def _by_phase(name: str, documentation: str, counts: Mapping[str, int]) -> CounterMetricFamily:
     """A counter family labelled by ext_proc phase."""
-    family = CounterMetricFamily(name, documentation, labels=["phase"])
-    for phase, count in sorted(counts.items()):
-        family.add_metric([phase], count)
-    return family
+    return _labelled(name, documentation, "phase", counts)
 
 
 async def start_http_endpoint(address: str, stack: Stack) -> Callable[[], Awaitable[None]]:

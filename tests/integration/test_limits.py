@@ -5,6 +5,9 @@ spent limit; what `tollgate limits show` reports against the ledger."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import http.server
 import json
 import threading
 import time
@@ -255,3 +258,57 @@ def test_a_request_whose_max_tokens_alone_exceeds_the_remainder_is_refused(
     assert fake_upstream.recorded()["requests"] == []
     fits = chat(app, max_tokens=100)
     assert fits.parse().usage.completion_tokens <= 100
+
+
+class _Hooks(http.server.BaseHTTPRequestHandler):
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        type(self).received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_webhook_gets_one_signed_alert_per_threshold_per_period(
+    tmp_path: Path, database_url: str, fake_upstream: FakeUpstream
+) -> None:
+    _Hooks.received = []
+    hooks = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hooks)
+    threading.Thread(target=hooks.serve_forever, daemon=True).start()
+    secret = tmp_path / "webhook-secret"
+    secret.write_text("whsec-test\n")
+    settings = {
+        "limit_cache_refresh_s": "1",
+        "alert_webhook_url": f"http://127.0.0.1:{hooks.server_address[1]}/alerts",
+        "alert_webhook_secret_file": str(secret),
+    }
+    try:
+        with running_tollgate(tmp_path / "s", database_url, fake_upstream, **settings) as up:
+            limits(up, "create", "u7-hourly", "--scope", "user", "--subject", "u7", "--measure",
+                   "requests", "--max", "4", "--period", "hour", "--thresholds", "0.5,1",
+                   "--mode", "warn")  # fmt: skip
+            time.sleep(REFRESH_S + 0.5)
+            app = client(up, **{"x-tollgate-user-id": "u7"})
+            for _ in range(7):  # warn: all let through; 2 of 4 crosses 0.5, 4 of 4 crosses 1
+                chat(app).parse()
+            deadline = time.monotonic() + 15
+            while len(_Hooks.received) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.5)  # anything more would have arrived by now
+    finally:
+        hooks.shutdown()
+        hooks.server_close()
+    assert len(_Hooks.received) == 2
+    documents = []
+    for headers, body in _Hooks.received:
+        expected = "sha256=" + hmac.new(b"whsec-test", body, hashlib.sha256).hexdigest()
+        assert headers["x-tollgate-signature"] == expected
+        documents.append(json.loads(body))
+    assert sorted((d["limit_id"], d["threshold"], d["subject"]) for d in documents) == [
+        ("u7-hourly", "0.5", None),
+        ("u7-hourly", "1", None),
+    ]

@@ -386,3 +386,35 @@ async def test_limits_command_round_trip(ledger: Pool, database_url: str, tmp_pa
     )
     assert duplicate.returncode == 2
     assert "exists already" in duplicate.stderr
+
+
+async def test_each_threshold_alerts_once_per_period_through_replays(
+    ledger: Pool, database_url: str
+) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await store.create_limit(
+            conn,
+            limit_id="alerting",
+            scope="user",
+            measure="requests",
+            maximum=4,
+            period="day",
+            thresholds=["0.5", "1"],
+        )
+    fired: list[dict[str, Any]] = []
+    writer = make_writer(ledger, on_alerts=fired.extend)
+    first = [charged("u1", 1, 1), charged("u1", 1, 1)]  # 2 of 4: crosses 0.5
+    await writer.write_batch(first)
+    await writer.write_batch(first)  # replayed: nothing new, no alert again
+    await writer.write_batch([charged("u1", 1, 1)])  # 3 of 4: nothing new
+    await writer.write_batch([charged("u1", 1, 1), charged("u1", 1, 1)])  # 5: crosses 1
+    await writer.write_batch([charged("u1", 1, 1)])  # past both already
+    await writer.write_batch([charged("u2", 1, 1)] * 1)  # u2: 1 of 4, nothing
+    assert [(a["limit_id"], a["subject"], a["threshold"], a["spent"]) for a in fired] == [
+        ("alerting", "u1", 0.5, 2),
+        ("alerting", "u1", 1, 5),
+    ]
+    assert fired[0]["measure"] == "requests"
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute("SELECT count(*) FROM tollgate.limit_alerts")
+        assert await cur.fetchone() == (2,)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the CLI reads the choices below without loading psycopg
     import psycopg
 
 __all__ = [
+    "ALERT_CROSSED",
     "CHARGE_INSERTED",
     "MEASURES",
     "MODES",
@@ -134,8 +135,31 @@ def _charge_sql(source: str, where: str) -> str:
         unpriced = s.unpriced + EXCLUDED.unpriced"""
 
 
-#: The writer's CTE body: charge the rows its statement inserted (CTE ``inserted``).
-CHARGE_INSERTED: Final = _charge_sql("inserted", "true") + "\n    RETURNING 1"
+#: The writer's CTE body: charge the rows its statement inserted (CTE ``inserted``),
+#: returning the spend rows as they are after it.
+CHARGE_INSERTED: Final = (
+    _charge_sql("inserted", "true")
+    + "\n    RETURNING s.limit_id, s.subject, s.period_start, s.usd, s.tokens, s.requests"
+)
+
+#: The writer's CTE body after CHARGE_INSERTED (CTE ``charged``): the thresholds those spend
+#: rows crossed for the first time this period, recorded once (the primary key) and returned.
+ALERT_CROSSED: Final = """
+    INSERT INTO tollgate.limit_alerts AS a
+        (limit_id, subject, period_start, threshold, spent, maximum)
+    SELECT c.limit_id, c.subject, c.period_start, t.threshold, x.spent, l.maximum
+    FROM charged c
+    JOIN tollgate.limits l USING (limit_id)
+    CROSS JOIN LATERAL (SELECT CASE l.measure WHEN 'usd' THEN c.usd
+                                              WHEN 'tokens' THEN c.tokens
+                                              ELSE c.requests END AS spent) x
+    CROSS JOIN LATERAL unnest(l.thresholds) AS t(threshold)
+    WHERE x.spent >= t.threshold * l.maximum
+    ORDER BY 1, 2, 3, 4
+    ON CONFLICT DO NOTHING
+    RETURNING a.limit_id, a.subject, a.period_start, a.threshold, a.spent, a.maximum,
+              (SELECT l2.measure FROM tollgate.limits l2 WHERE l2.limit_id = a.limit_id)
+                  AS measure"""
 
 #: `tollgate reprice`'s CTE body: the rows it priced (CTE ``priced``, whose cost was NULL)
 #: move from unpriced to their cost in every spend that counted them. A spend row holds all

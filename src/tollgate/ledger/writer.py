@@ -35,14 +35,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from tollgate.ledger.copy_text import copy_rows
 from tollgate.ledger.journal import Journal, JournalEntry
-from tollgate.ledger.limits import CHARGE_INSERTED
+from tollgate.ledger.limits import ALERT_CROSSED, CHARGE_INSERTED
 from tollgate.ledger.records import COLUMNS, OUTCOME_NAMES, UsageRecord, optional, usage_flags
 from tollgate.pricing import PriceBook
 from tollgate.stats import BoundedCounter, Histogram
@@ -108,8 +108,10 @@ WITH inserted AS (
         unpriced_requests = d.unpriced_requests + EXCLUDED.unpriced_requests
     RETURNING 1
 ), charged AS ({CHARGE_INSERTED}
+), alerted AS ({ALERT_CROSSED}
 )
-SELECT count(*) FROM inserted
+SELECT (SELECT count(*) FROM inserted),
+       (SELECT coalesce(json_agg(alerted), '[]'::json) FROM alerted)
 """
 
 _PARTITIONS_AHEAD = "SELECT tollgate.ensure_partitions(now(), 3)"
@@ -265,9 +267,12 @@ class LedgerWriter:
         reject_when_full: bool = True,
         concurrency: int = 2,
         observers: Sequence[BatchObserver] = (),
+        on_alerts: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         self.stats = WriterStats()
         self._observers = tuple(observers)
+        # Limit thresholds crossed by a committed batch (each once per period: ledger.limits).
+        self._on_alerts = on_alerts
         self._journal_failing = False
         self._pool = pool
         self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue(maxsize=queue_size)
@@ -765,6 +770,12 @@ class LedgerWriter:
                 await cur.execute(_MOVE_AND_ROLL_UP)
                 fetched = await cur.fetchone()
         inserted = int(fetched[0]) if fetched else 0  # type: ignore[index]
+        alerts = fetched[1] if fetched else None  # type: ignore[index]
+        if alerts and self._on_alerts is not None:
+            try:
+                self._on_alerts(alerts)
+            except Exception:
+                log.exception("the limit alert sink failed; going on")
         self.stats.batch_seconds.observe(time.perf_counter() - started)
         self.stats.batches += 1
         self.stats.written += inserted
