@@ -38,6 +38,7 @@ from tollgate.envoyadmin import start_drain, wait_until_idle
 from tollgate.extproc.processor import PolicyConfig, ProcessorContext, RequestProcessor
 from tollgate.extproc.server import ExternalProcessorServicer
 from tollgate.ledger.journal import Journal
+from tollgate.ledger.limits import DEFAULT_USER_BUDGET_ID, LimitError, sync_default_budget
 from tollgate.ledger.migrate import apply_migrations
 from tollgate.ledger.service import BearerTokenInterceptor, UsageServicer
 from tollgate.ledger.writer import BatchObserver, LedgerWriter
@@ -464,8 +465,18 @@ class Stack:
         self._teardown("the key cache", lambda: _cancelled(refresher))
 
     async def _start_limits(self) -> None:
-        """Load the limits and their spend before serving, then reload them in the background."""
+        """Load the limits and their spend before serving, then reload them in the background
+        (after making the configured default budget what the settings say)."""
         limits = self.limits
+        async with await psycopg.AsyncConnection.connect(
+            self.database_url, autocommit=True
+        ) as conn:
+            try:
+                done = await sync_default_budget(conn, self.settings.default_user_budget)
+            except LimitError as exc:
+                raise ConfigError(f"default_user_budget: {exc}") from None
+            if done != "unchanged":
+                log.info("default user budget %s: %s", done, DEFAULT_USER_BUDGET_ID)
         async with self.pool.connection() as conn:
             count = await limits.refresh(conn, self.settings.limit_cache_refresh_s)
         log.info("limits: %d", count)

@@ -406,6 +406,13 @@ class Settings:
         "Log request and response bodies (first 4 KiB each) on the `tollgate.bodies` logger, "
         "for debugging. A request with `x-tollgate-logging-disable: true` is never logged.",
     )
+    default_user_budget: str = _setting(
+        "",
+        "A limit every end user gets, as `AMOUNT MEASURE/PERIOD` (`5 usd/day`, `100000 "
+        "tokens/month`, `1000 requests/hour`): Tollgate keeps the limit "
+        "`config:default-user-budget` (block, UTC) equal to it at start-up, and deletes it "
+        "when this is empty. Set it alike on every replica.",
+    )
     alert_webhook_url: str = _setting(
         "",
         "Where limit alerts are POSTed as signed JSON (docs/limits.md); empty: alerts are "

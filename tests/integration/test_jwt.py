@@ -24,6 +24,7 @@ from tests.integration.conftest import (
     FakeUpstream,
     RunningTollgate,
     running_tollgate,
+    tollgate_command,
     wait_for_rows,
 )
 from tests.jwt_support import make_signing_key, sign
@@ -180,3 +181,30 @@ def test_no_token_leaves_the_other_identity_sources_in_charge(
     assert row["outcome"] == "ok"
     (seen,) = fake_upstream.recorded()["requests"]
     assert "x-tollgate-user-id" not in {name.lower() for name, _ in seen["headers"]}
+
+
+def test_a_spent_budget_refuses_a_jwt_identified_user(
+    jwt_tollgate: JwtTollgate, fake_upstream: FakeUpstream, database_url: str
+) -> None:
+    tollgate_command(
+        jwt_tollgate.running.env, "limits", "create", "jwt-daily", "--scope", "user",
+        "--subject", "jwt-user-42", "--measure", "usd", "--max", "0.01", "--period", "day",
+    )  # fmt: skip
+    time.sleep(2.5)  # one refresh of the limits (limit_cache_refresh_s, 2 s)
+    # 2,000 output tokens of gpt-4o: $0.02, the whole budget at once.
+    app = jwt_tollgate.client(
+        **{JWT_HEADER: f"Bearer {jwt_tollgate.token()}", "x-fake-words": "2000"}
+    )
+    app.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    fake_upstream.clear()
+    with pytest.raises(openai.RateLimitError) as refused:
+        app.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert refused.value.response.json()["error"]["code"] == "budget_exceeded"
+    assert fake_upstream.recorded()["requests"] == []
+    request_id = refused.value.response.headers["x-tollgate-request-id"]
+    (row,) = wait_for_rows(database_url, "request_id = %s", (request_id,), 1, timeout_s=10)
+    assert (row["end_user_id"], row["identity_source"], row["block_reason"]) == (
+        "jwt-user-42",
+        "jwt",
+        "budget_exceeded",
+    )

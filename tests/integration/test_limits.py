@@ -312,3 +312,46 @@ def test_a_webhook_gets_one_signed_alert_per_threshold_per_period(
         ("u7-hourly", "0.5", None),
         ("u7-hourly", "1", None),
     ]
+
+
+def test_a_configured_default_budget_limits_every_user(
+    tmp_path: Path, database_url: str, fake_upstream: FakeUpstream
+) -> None:
+    with running_tollgate(
+        tmp_path / "s", database_url, fake_upstream, default_user_budget="2 requests/day"
+    ) as up:
+        u8 = client(up, **{"x-tollgate-user-id": "u8"})
+        chat(u8).parse()
+        chat(u8).parse()
+        with pytest.raises(openai.RateLimitError) as caught:
+            chat(u8)
+        assert "config:default-user-budget" in caught.value.response.json()["error"]["message"]
+        assert chat(client(up, **{"x-tollgate-user-id": "u9"})).parse().usage is not None
+    bad = tollgate_command_result(tmp_path, database_url, fake_upstream, "2 requests/fortnight")
+    assert bad.returncode != 0
+    assert "default_user_budget" in bad.stderr
+
+
+def tollgate_command_result(
+    tmp_path: Path, database_url: str, fake_upstream: FakeUpstream, budget: str
+) -> Any:
+    """`tollgate up` with a budget it cannot read: it must refuse to start."""
+    import subprocess
+    import sys
+
+    from tests.integration.conftest import tollgate_env
+
+    env = tollgate_env(
+        tmp_path / "bad",
+        database_url=database_url,
+        upstream_url=fake_upstream.url,
+        default_user_budget=budget,
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "tollgate", "up"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

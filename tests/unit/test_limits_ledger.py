@@ -418,3 +418,28 @@ async def test_each_threshold_alerts_once_per_period_through_replays(
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         cur = await conn.execute("SELECT count(*) FROM tollgate.limit_alerts")
         assert await cur.fetchone() == (2,)
+
+
+async def test_the_configured_default_budget_is_kept_as_configured(database_url: str) -> None:
+    from tollgate.app import run_migrations
+
+    await run_migrations(database_url)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        assert await store.sync_default_budget(conn, "") == "unchanged"
+        assert await store.sync_default_budget(conn, "5 usd/day") == "created"
+        assert await store.sync_default_budget(conn, " 5 USD / day ") == "unchanged"
+        assert await store.sync_default_budget(conn, "1000 tokens/month") == "updated"
+        made = await store.get_limit(conn, store.DEFAULT_USER_BUDGET_ID)
+        assert made is not None
+        assert (made.scope, made.subject, made.measure, made.maximum, made.period) == (
+            "user",
+            None,
+            "tokens",
+            1000,
+            "month",
+        )
+        assert await store.sync_default_budget(conn, "") == "deleted"
+        assert await store.get_limit(conn, store.DEFAULT_USER_BUDGET_ID) is None
+        for bad in ("5 euros/day", "5 usd/fortnight", "usd/day", "-1 usd/day"):
+            with pytest.raises(store.LimitError, match="not a budget"):
+                await store.sync_default_budget(conn, bad)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the CLI reads the choices below without loading psycopg
 __all__ = [
     "ALERT_CROSSED",
     "CHARGE_INSERTED",
+    "DEFAULT_USER_BUDGET_ID",
     "MEASURES",
     "MODES",
     "PERIODS",
@@ -45,6 +46,8 @@ __all__ = [
     "get_limit",
     "limit_spend",
     "list_limits",
+    "parse_budget",
+    "sync_default_budget",
     "update_limit",
 ]
 
@@ -341,6 +344,68 @@ async def delete_limit(conn: psycopg.AsyncConnection[Any], limit_id: str) -> boo
             "DELETE FROM tollgate.limits WHERE limit_id = %s RETURNING limit_id", (limit_id,)
         )
         return await cur.fetchone() is not None
+
+
+#: The limit `default_user_budget` configures.
+DEFAULT_USER_BUDGET_ID: Final = "config:default-user-budget"
+_BUDGET = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s+(usd|tokens|requests)\s*/\s*([a-z]+)\s*")
+
+
+def parse_budget(text: str) -> tuple[Decimal, str, str]:
+    """``"5 usd/day"`` → (maximum, measure, period); LimitError when it is not one."""
+    found = _BUDGET.fullmatch(text.lower())
+    if found is None or found[3] not in PERIODS:
+        raise LimitError(
+            f"not a budget: {text!r} (AMOUNT MEASURE/PERIOD, e.g. '5 usd/day'; measures"
+            f" {', '.join(MEASURES)}; periods {', '.join(PERIODS)})"
+        )
+    return Decimal(found[1]), found[2], found[3]
+
+
+async def sync_default_budget(conn: psycopg.AsyncConnection[Any], budget: str) -> str:
+    """Make :data:`DEFAULT_USER_BUDGET_ID` what ``budget`` says (delete it when empty);
+    returns what was done: created, updated, deleted or unchanged."""
+    current = await get_limit(conn, DEFAULT_USER_BUDGET_ID)
+    if not budget.strip():
+        if current is None:
+            return "unchanged"
+        await delete_limit(conn, DEFAULT_USER_BUDGET_ID)
+        return "deleted"
+    maximum, measure, period = parse_budget(budget)
+    if current is None:
+        await create_limit(
+            conn,
+            limit_id=DEFAULT_USER_BUDGET_ID,
+            scope="user",
+            measure=measure,
+            maximum=maximum,
+            period=period,
+        )
+        return "created"
+    wanted = ("user", None, measure, maximum, period, "UTC", "block")
+    have = (
+        current.scope,
+        current.subject,
+        current.measure,
+        current.maximum,
+        current.period,
+        current.time_zone,
+        current.mode,
+    )
+    if have == wanted:
+        return "unchanged"
+    await update_limit(
+        conn,
+        DEFAULT_USER_BUDGET_ID,
+        scope="user",
+        clear_subject=True,
+        measure=measure,
+        maximum=maximum,
+        period=period,
+        time_zone="UTC",
+        mode="block",
+    )
+    return "updated"
 
 
 async def get_limit(
