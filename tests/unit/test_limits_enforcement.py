@@ -352,3 +352,20 @@ def test_a_reservation_counts_until_the_request_is_finished() -> None:
     # Finished: its actual 2,000 tokens replace the reservation.
     answer_json(held, json.dumps(ANSWER))
     assert limits.verdict(limits.limits_of("u1", None, ())).remaining == 1000
+
+
+def test_a_period_rolls_over_at_the_boundary_of_the_limits_time_zone() -> None:
+    # Tokyo's day begins at 15:00 UTC: spent at 14:59:59 UTC, free again at 15:00:01.
+    clock = Clock(datetime(2026, 12, 3, 14, 0, tzinfo=UTC))
+    tokyo = ZoneInfo("Asia/Tokyo")
+    limits = book(limit("daily", "user", "requests", "1", tz=tokyo), clock=clock)
+    sink = RecordingSink()
+    call(limits, sink, user("u1"), answer=ANSWER)
+    clock.now = datetime(2026, 12, 3, 14, 59, 59, tzinfo=UTC)
+    late, _ = call(limits, sink, user("u1"), answer=ANSWER)
+    status, body, headers = refused(late)
+    assert status == 429
+    assert headers["retry-after"] == b"1"
+    assert "2026-12-03T15:00:00Z" in body["error"]["message"]
+    clock.now = datetime(2026, 12, 3, 15, 0, 1, tzinfo=UTC)
+    assert let_through(call(limits, sink, user("u1"), answer=ANSWER)[0])
