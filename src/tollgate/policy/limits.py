@@ -129,11 +129,6 @@ class Charge:
     finished: bool = False
     committed_at: float | None = None  # monotonic seconds, from the writer's observer
 
-    def of(self, measure: str) -> Decimal:
-        if measure == "usd":
-            return self.usd
-        return Decimal(self.tokens if measure == "tokens" else self.requests)
-
 
 @dataclass
 class LimitBook:
@@ -145,6 +140,8 @@ class LimitBook:
     # (limit_id, subject, period_start) → (usd, tokens, requests) in the last snapshot.
     _spend: dict[tuple[str, str, datetime], tuple[Decimal, int, int]] = field(default_factory=dict)
     _charges: dict[str, Charge] = field(default_factory=dict)  # request id → charge
+    # The sum of the charges by (limit_id, subject, period_start): usd, tokens, requests.
+    _own: dict[tuple[str, str, datetime], list[Any]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     replica_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     replicas: int = 1  # alive at the last refresh, this one included
@@ -179,11 +176,21 @@ class LimitBook:
         """(spend in the snapshot, this replica's own spend since) under one key."""
         usd, tokens, requests = self._spend.get(key, (Decimal(0), 0, 0))
         shared = usd if measure == "usd" else Decimal(tokens if measure == "tokens" else requests)
-        own = Decimal(0)
-        for charge in self._charges.values():
-            if key in charge.keys:
-                own += charge.of(measure)
+        mine = self._own.get(key)
+        if mine is None:
+            return shared, Decimal(0)
+        own = mine[0] if measure == "usd" else Decimal(mine[1] if measure == "tokens" else mine[2])
         return shared, own
+
+    def _count(self, charge: Charge, sign: int) -> None:
+        """Add (``sign`` 1) or take away (-1) a charge in the sums (under the lock)."""
+        for key in charge.keys:
+            mine = self._own.setdefault(key, [Decimal(0), 0, 0])
+            mine[0] += sign * charge.usd
+            mine[1] += sign * charge.tokens
+            mine[2] += sign * charge.requests
+            if sign < 0 and not mine[0] and not mine[1] and not mine[2]:
+                del self._own[key]
 
     def _share(self, state: LimitState, left: Decimal) -> Decimal:
         """What this replica may use of ``left`` until its next refresh."""
@@ -240,8 +247,10 @@ class LimitBook:
             (state.limit_id, subject, period_bounds(state.period, state.tz, now)[0])
             for state, subject in charged
         ]
+        charge = Charge(keys, tokens=tokens, usd=usd)
         with self._lock:
-            self._charges[request_id] = Charge(keys, tokens=tokens, usd=usd)
+            self._charges[request_id] = charge
+            self._count(charge, 1)
 
     def finish(self, request_id: str, *, tokens: int, usd: Decimal | None, charged: bool) -> None:
         """The request's record was submitted: its spend as recorded (``charged`` False for a
@@ -250,10 +259,12 @@ class LimitBook:
             charge = self._charges.get(request_id)
             if charge is None:
                 return
+            self._count(charge, -1)
             if not charged:
                 del self._charges[request_id]
                 return
             charge.tokens, charge.usd, charge.finished = tokens, usd or Decimal(0), True
+            self._count(charge, 1)
 
     def committed(self, request_ids: Iterable[str]) -> None:
         """The writer committed these rows (its batch observer; any thread)."""
@@ -321,7 +332,7 @@ class LimitBook:
                 for rid, c in self._charges.items()
                 if c.committed_at is not None and c.committed_at < began
             ]:
-                del self._charges[request_id]
+                self._count(self._charges.pop(request_id), -1)
         self.loaded = True
 
     async def run(self, pool: Any, interval_s: float) -> None:
