@@ -142,6 +142,8 @@ class LimitBook:
     _charges: dict[str, Charge] = field(default_factory=dict)  # request id → charge
     # The sum of the charges by (limit_id, subject, period_start): usd, tokens, requests.
     _own: dict[tuple[str, str, datetime], list[Any]] = field(default_factory=dict)
+    # The current period of each (period, time zone), until it ends.
+    _periods: dict[tuple[str, str], tuple[datetime, datetime | None]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     replica_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     replicas: int = 1  # alive at the last refresh, this one included
@@ -182,6 +184,15 @@ class LimitBook:
         own = mine[0] if measure == "usd" else Decimal(mine[1] if measure == "tokens" else mine[2])
         return shared, own
 
+    def _period(self, state: LimitState, now: datetime) -> tuple[datetime, datetime | None]:
+        """``period_bounds`` for the limit at ``now``, computed once per period."""
+        key = (state.period, state.tz.key)
+        found = self._periods.get(key)
+        if found is not None and found[0] <= now and (found[1] is None or now < found[1]):
+            return found
+        found = self._periods[key] = period_bounds(state.period, state.tz, now)
+        return found
+
     def _count(self, charge: Charge, sign: int) -> None:
         """Add (``sign`` 1) or take away (-1) a charge in the sums (under the lock)."""
         for key in charge.keys:
@@ -214,7 +225,7 @@ class LimitBook:
         least_reset: datetime | None = None
         with self._lock:
             for state, subject in charged:
-                start, end = period_bounds(state.period, state.tz, now)
+                start, end = self._period(state, now)
                 shared, own = self._spent((state.limit_id, subject, start), state.measure)
                 left = state.maximum - shared - own
                 share = self._share(state, state.maximum - shared)
@@ -244,8 +255,7 @@ class LimitBook:
             return
         now = self.clock()
         keys = [
-            (state.limit_id, subject, period_bounds(state.period, state.tz, now)[0])
-            for state, subject in charged
+            (state.limit_id, subject, self._period(state, now)[0]) for state, subject in charged
         ]
         charge = Charge(keys, tokens=tokens, usd=usd)
         with self._lock:
