@@ -369,3 +369,20 @@ def test_a_period_rolls_over_at_the_boundary_of_the_limits_time_zone() -> None:
     assert "2026-12-03T15:00:00Z" in body["error"]["message"]
     clock.now = datetime(2026, 12, 3, 15, 0, 1, tzinfo=UTC)
     assert let_through(call(limits, sink, user("u1"), answer=ANSWER)[0])
+
+
+def test_a_refusal_names_the_refusing_limits_reset_not_another_limits() -> None:
+    # An overspent warn limit resets later (month) than the spent block limit (day): the 429
+    # tells the block limit's reset.
+    clock = Clock(datetime(2026, 12, 3, 12, 0, tzinfo=UTC))
+    limits = book(
+        limit("daily", "user", "requests", "1"),
+        limit("monthly-soft", "user", "requests", "0", period="month", mode="warn"),
+        clock=clock,
+    )
+    sink = RecordingSink()
+    call(limits, sink, user("u1"), answer=ANSWER)  # let through: the soft limit only warns
+    status, body, headers = refused(call(limits, sink, user("u1"), answer=ANSWER)[0])
+    assert status == 429
+    assert "'daily'" in body["error"]["message"]
+    assert headers["retry-after"] == str(12 * 3600).encode()

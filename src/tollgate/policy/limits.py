@@ -220,23 +220,22 @@ class LimitBook:
         """Whether a block limit refuses the request: spent, or too little left for what the
         request reserves (one request; ``tokens`` and ``usd`` at most)."""
         now = self.clock()
-        refused = tightest = None
+        tightest = None
         least: Decimal | None = None
         least_reset: datetime | None = None
         with self._lock:
             for state, subject in charged:
                 start, end = self._period(state, now)
                 shared, own = self._spent((state.limit_id, subject, start), state.measure)
-                left = state.maximum - shared - own
                 share = self._share(state, state.maximum - shared)
                 need = _need(state.measure, tokens, usd)
                 spent = own + need > share if need > 0 else own >= share
-                if spent and state.mode == "block" and refused is None:
-                    refused, least, least_reset = state, Decimal(0), end
+                if spent and state.mode == "block":
+                    # The first block limit that refuses it: the client is told its reset.
+                    return Verdict(state, state, Decimal(0), end)
+                left = state.maximum - shared - own
                 if least is None or left < least:
                     tightest, least, least_reset = state, left, end
-        if refused is not None:
-            return Verdict(refused, refused, Decimal(0), least_reset)
         return Verdict(
             None, tightest, None if least is None else max(least, Decimal(0)), least_reset
         )
