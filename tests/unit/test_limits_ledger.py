@@ -206,11 +206,19 @@ async def test_limits_created_while_batches_commit_count_every_row_once(
                 maximum=1,
                 period="minute",
             )
+        # Changing what a limit charges and deleting one, while batches charge them: no
+        # deadlock (the writers are waited for first), and the spend is the ledger again.
+        await asyncio.sleep(0.2)
+        await store.update_limit(conn, "named-0", period="total")
+        await store.update_limit(conn, "users-0", maximum="5")
+        assert await store.delete_limit(conn, "users-1")
+        await asyncio.sleep(0.2)
         stop.set()
         await task
         await writer.close(timeout_s=20)
         assert writer.stats.written > 100
-        for limit_id in ("named-0", "named-1", "users-0", "users-1"):
+        assert writer.stats.failed_attempts == 0  # a deadlock would have failed a batch
+        for limit_id in ("named-0", "named-1", "users-0"):
             await assert_spend_is_the_ledger(conn, limit_id)
 
 

@@ -340,6 +340,9 @@ async def _update(
 
 async def delete_limit(conn: psycopg.AsyncConnection[Any], limit_id: str) -> bool:
     async with conn.transaction():
+        # The writers first: one charging this limit holds its spend rows and a key-share lock
+        # on it, which the delete (and its cascade) would wait for while it waits for ours.
+        await conn.execute(_HOLD_WRITERS)
         cur = await conn.execute(
             "DELETE FROM tollgate.limits WHERE limit_id = %s RETURNING limit_id", (limit_id,)
         )
@@ -413,7 +416,8 @@ async def get_limit(
 ) -> Limit | None:
     from psycopg.rows import class_row
 
-    lock = " FOR UPDATE" if for_update else ""
+    # NO KEY UPDATE: the writers' foreign-key checks (KEY SHARE) on the row go on meanwhile.
+    lock = " FOR NO KEY UPDATE" if for_update else ""
     async with conn.cursor(row_factory=class_row(Limit)) as cur:
         await cur.execute(
             f"SELECT {_FIELDS} FROM tollgate.limits WHERE limit_id = %s{lock}", (limit_id,)
