@@ -99,7 +99,7 @@ class AlertSink:
                 document["measure"],
                 document["subject"] or "all",
                 document["period_start"],
-                extra={"alert": document},
+                extra={"fields": document},
             )
             if self._url:
                 self._queue.put_nowait(document)

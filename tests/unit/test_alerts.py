@@ -16,6 +16,7 @@ from aiohttp import web
 from tollgate.alerts import SIGNATURE_HEADER, AlertSink
 from tollgate.app import alert_sink
 from tollgate.config import ConfigError, load_settings
+from tollgate.logs import JsonFormatter
 
 ALERT = {
     "limit_id": "u1-daily",
@@ -87,6 +88,14 @@ async def test_a_webhook_gets_each_alert_signed_after_retries(
     assert sink.fired == {("u1-daily", "0.8"): 1}
     assert sink.deliveries == {"attempt_failed": 2, "ok": 1}
     assert "limit alert: u1-daily crossed 0.8" in caplog.text
+    # Structured: the JSON log line carries the alert's fields as top-level keys.
+    (logged,) = [r for r in caplog.records if r.name == "tollgate.alerts"]
+    line = json.loads(JsonFormatter().format(logged))
+    assert (line["type"], line["limit_id"], line["threshold"]) == (
+        "limit_threshold_crossed",
+        "u1-daily",
+        "0.8",
+    )
 
 
 @pytest.mark.parametrize("receiver", [100], indirect=True)
