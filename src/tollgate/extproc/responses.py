@@ -53,6 +53,14 @@ def _headers_response(
     )
 
 
+def _write_metadata(response: ep.ProcessingResponse, values: Mapping[str, str]) -> None:
+    """Strings into the stream's dynamic metadata, namespace ``tollgate`` (the virtual host
+    turns some into response headers: envoyconf._metadata_headers)."""
+    fields = response.dynamic_metadata.fields[TOLLGATE_NAMESPACE].struct_value.fields
+    for key, value in values.items():
+        fields[key].string_value = value
+
+
 def continue_request_headers(
     *,
     request_id: str,
@@ -73,10 +81,7 @@ def continue_request_headers(
     """
     response = ep.ProcessingResponse(request_headers=_headers_response(remove, set_headers))
     response.request_headers.response.clear_route_cache = clear_route_cache
-    fields = response.dynamic_metadata.fields[TOLLGATE_NAMESPACE].struct_value.fields
-    fields[REQUEST_ID_KEY].string_value = request_id
-    for key, value in (metadata or {}).items():
-        fields[key].string_value = value
+    _write_metadata(response, {REQUEST_ID_KEY: request_id, **(metadata or {})})
     if request_body_mode is not None:
         response.mode_override.request_body_mode = request_body_mode
         # An override replaces the whole mode, and the filter's own default skips response
@@ -118,9 +123,7 @@ def continue_request_body(
         common.body_mutation.body = body
     response = ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
     if metadata:
-        fields = response.dynamic_metadata.fields[TOLLGATE_NAMESPACE].struct_value.fields
-        for key, value in metadata.items():
-            fields[key].string_value = value
+        _write_metadata(response, metadata)
     return response
 
 

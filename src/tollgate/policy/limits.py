@@ -39,6 +39,8 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from tollgate.ledger.limits import Limit, list_limits
+
 __all__ = ["ALIVE_REFRESHES", "Charge", "LimitBook", "LimitState", "Verdict", "period_bounds"]
 
 #: A replica that refreshed within this many of its intervals counts as alive.
@@ -90,6 +92,20 @@ class LimitState:
     tz: ZoneInfo
     mode: str
 
+    @classmethod
+    def of(cls, limit: Limit) -> LimitState:
+        """The request path's view of a stored limit (its time zone loaded)."""
+        return cls(
+            limit.limit_id,
+            limit.scope,
+            limit.subject,
+            limit.measure,
+            limit.maximum,
+            limit.period,
+            ZoneInfo(limit.time_zone),
+            limit.mode,
+        )
+
     def subject_of(self, user: str | None, key: str | None) -> str | None:
         """Whose spend under this limit the request adds to ('' for a single spend), or None
         when the limit does not charge it."""
@@ -103,11 +119,11 @@ class LimitState:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """A request's limits: the block limit that refuses it (if any), and the tightest one
-    (the least remaining), for the client's x-tollgate-limit-* headers."""
+    """A request's limits: the block limit that refuses it (if any), else what is left of the
+    tightest one (the least remaining) and its reset, for the client's x-tollgate-limit-*
+    headers."""
 
     refused: LimitState | None = None
-    tightest: LimitState | None = None
     remaining: Decimal | None = None
     reset_at: datetime | None = None
 
@@ -126,7 +142,6 @@ class Charge:
     requests: int = 1
     tokens: int = 0
     usd: Decimal = Decimal(0)
-    finished: bool = False
     committed_at: float | None = None  # monotonic seconds, from the writer's observer
 
 
@@ -147,7 +162,6 @@ class LimitBook:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     replica_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     replicas: int = 1  # alive at the last refresh, this one included
-    loaded: bool = False
     refresh_failures: int = 0
 
     @property
@@ -220,7 +234,6 @@ class LimitBook:
         """Whether a block limit refuses the request: spent, or too little left for what the
         request reserves (one request; ``tokens`` and ``usd`` at most)."""
         now = self.clock()
-        tightest = None
         least: Decimal | None = None
         least_reset: datetime | None = None
         with self._lock:
@@ -232,13 +245,11 @@ class LimitBook:
                 spent = own + need > share if need > 0 else own >= share
                 if spent and state.mode == "block":
                     # The first block limit that refuses it: the client is told its reset.
-                    return Verdict(state, state, Decimal(0), end)
+                    return Verdict(state, Decimal(0), end)
                 left = state.maximum - shared - own
                 if least is None or left < least:
-                    tightest, least, least_reset = state, left, end
-        return Verdict(
-            None, tightest, None if least is None else max(least, Decimal(0)), least_reset
-        )
+                    least, least_reset = left, end
+        return Verdict(None, None if least is None else max(least, Decimal(0)), least_reset)
 
     def admit(
         self,
@@ -272,7 +283,7 @@ class LimitBook:
             if not charged:
                 del self._charges[request_id]
                 return
-            charge.tokens, charge.usd, charge.finished = tokens, usd or Decimal(0), True
+            charge.tokens, charge.usd = tokens, usd or Decimal(0)
             self._count(charge, 1)
 
     def committed(self, request_ids: Iterable[str]) -> None:
@@ -303,24 +314,16 @@ class LimitBook:
         await conn.execute(
             "DELETE FROM tollgate.limit_replicas WHERE seen_at < now() - interval '1 day'"
         )
-        cur = await conn.execute(
-            "SELECT limit_id, scope, subject, measure, maximum, period, time_zone, mode"
-            " FROM tollgate.limits"
-        )
-        rows = await cur.fetchall()
+        limits = [LimitState.of(limit) for limit in await list_limits(conn)]
         cur = await conn.execute(
             "SELECT s.limit_id, s.subject, s.period_start, s.usd, s.tokens, s.requests"
             " FROM tollgate.limit_spend s JOIN tollgate.limits l USING (limit_id)"
             " WHERE s.period_start = tollgate.limit_period_start(l.period, l.time_zone, now())"
         )
         spend = {(r[0], r[1], r[2]): (r[3], r[4], r[5]) for r in await cur.fetchall()}
-        self.load(
-            [LimitState(r[0], r[1], r[2], r[3], r[4], r[5], ZoneInfo(r[6]), r[7]) for r in rows],
-            spend,
-            began,
-        )
+        self.load(limits, spend, began)
         self.replicas = max(1, int(alive[0]) if alive else 1)
-        return len(rows)
+        return len(limits)
 
     def load(
         self,
@@ -342,7 +345,6 @@ class LimitBook:
                 if c.committed_at is not None and c.committed_at < began
             ]:
                 self._count(self._charges.pop(request_id), -1)
-        self.loaded = True
 
     async def run(self, pool: Any, interval_s: float) -> None:
         """Refresh every ``interval_s`` seconds until cancelled; keep the last view on failure
