@@ -386,3 +386,24 @@ def test_a_refusal_names_the_refusing_limits_reset_not_another_limits() -> None:
     assert status == 429
     assert "'daily'" in body["error"]["message"]
     assert headers["retry-after"] == str(12 * 3600).encode()
+
+
+def test_usage_the_price_library_refuses_is_recorded_and_charges_no_dollars() -> None:
+    # More cached than input tokens: genai-prices raises; the writer stores it unpriced.
+    limits = book(limit("usd", "global", "usd", "1"), limit("reqs", "global", "requests", "9"))
+    sink = RecordingSink()
+    odd = {
+        "model": "gpt-4o",
+        "usage": {
+            "prompt_tokens": 10,
+            "completion_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": 100},
+        },
+    }
+    answer, _ = call(limits, sink, user("u1"), answer=odd)
+    assert let_through(answer)
+    (row,) = sink.records
+    assert (row.input_tokens, row.cached_input_tokens) == (10, 100)
+    assert limits.verdict(limits.limits_of("u1", None, ())).remaining == 1  # usd: nothing
+    charged = limits.limits_of("u1", None, ())
+    assert limits.verdict([c for c in charged if c[0].limit_id == "reqs"]).remaining == 8

@@ -840,11 +840,12 @@ class RequestProcessor:
             self._fill(record, parsed)
         except Exception:
             record.outcome = usage_pb2.OUTCOME_INTERNAL_ERROR
-            self._charge(record)
             self._ctx.sink.submit(record)
+            self._charge(record)
             raise
-        self._charge(record)
+        # The row first: nothing about the limits may keep it out of the ledger.
         self._ctx.sink.submit(record)
+        self._charge(record)
 
     def _charge(self, record: UsageRecord) -> None:
         """Hand the request's spend to its limits (counted here until its row is shipped)."""
@@ -854,7 +855,12 @@ class RequestProcessor:
         usd = None
         prices = self._ctx.prices
         if prices is not None and any(state.measure == "usd" for state, _ in self._charged):
-            cost = record_cost(prices, record)
+            try:
+                cost = record_cost(prices, record)
+            except ValueError:
+                # Usage the price library refuses: the writer records it unpriced (NULL
+                # cost, its reason in pricing_error), so it adds no dollars here either.
+                cost = None
             usd = cost if isinstance(cost, Decimal) else None
         book.finish(
             self._request_id,
