@@ -108,12 +108,14 @@ async def test_json_chat_completion(channel: tuple[grpc.aio.Channel, ListSink]) 
         ("accept-encoding", b"identity")
     ]
     assert answers[1].mode_override.response_body_mode == responses.BODY_BUFFERED
+    set_back = answers[1].response_headers.response.header_mutation.set_headers
+    assert set_back[0].header.key == "x-tollgate-request-id"
     assert answers[2].HasField("response_body")
 
     (record,) = sink.records
-    # Envoy's route turns the id in the request's dynamic metadata into x-tollgate-request-id.
-    written = answers[0].dynamic_metadata.fields["tollgate"].struct_value.fields["request_id"]
-    assert written.string_value == record.request_id
+    assert set_back[0].header.raw_value.decode() == record.request_id
+    # The response headers say it: nothing goes into the stream's dynamic metadata for it.
+    assert "tollgate" not in answers[0].dynamic_metadata.fields
     assert record.end_user_id == "user_7a3f"
     assert record.identity_source == "header"
     assert record.endpoint == "/v1/chat/completions"

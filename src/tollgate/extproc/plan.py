@@ -15,9 +15,9 @@ Envoy only for what its decision and its metering need (see ``docs/adr/011-lean-
 * the response body buffered for JSON, streamed only for SSE, not at all for endpoints with
   nothing to meter.
 
-The client's ``x-tollgate-request-id`` is set by Envoy's route from the dynamic metadata
-Tollgate returns with the request headers (:data:`TOLLGATE_NAMESPACE`), so no plan needs the
-response headers for it.
+The client's ``x-tollgate-request-id`` is set on the response headers, or — when a plan skips
+them — by Envoy's virtual host from the dynamic metadata Tollgate returns with the request
+headers (:data:`TOLLGATE_NAMESPACE`).
 
 The facts of a JSON request body (model, ``stream``, ``include_usage``, the body's user ids)
 come from Envoy's ``json_to_metadata`` filter, which runs before ext_proc and parses the

@@ -74,14 +74,20 @@ def continue_request_headers(
     """Let the request go on, with headers removed/set; optionally ask for the request body
     (the headers then wait in Envoy, with no upstream connection, until the body is answered).
 
-    ``request_id`` goes into the stream's dynamic metadata, from which Envoy's route sets the
-    client's ``x-tollgate-request-id``. ``json_answer``: the answer is one JSON document, so
-    Envoy skips the response headers and sends the whole body buffered, with the status in
-    its attributes. ``clear_route_cache``: Envoy recomputes the route after the mutation.
+    ``json_answer``: the answer is one JSON document, so Envoy skips the response headers and
+    sends the whole body buffered, with the status in its attributes; ``request_id`` then goes
+    into the stream's dynamic metadata, from which Envoy's virtual host sets the client's
+    ``x-tollgate-request-id`` (every other plan sets it on the response headers). ``metadata``
+    is written there too (the limit headers). ``clear_route_cache``: Envoy recomputes the
+    route after the mutation.
     """
     response = ep.ProcessingResponse(request_headers=_headers_response(remove, set_headers))
     response.request_headers.response.clear_route_cache = clear_route_cache
-    _write_metadata(response, {REQUEST_ID_KEY: request_id, **(metadata or {})})
+    # The request id only where Tollgate will not see the response headers to set it there.
+    values = {REQUEST_ID_KEY: request_id} if json_answer and request_body_mode is None else {}
+    values.update(metadata or {})
+    if values:
+        _write_metadata(response, values)
     if request_body_mode is not None:
         response.mode_override.request_body_mode = request_body_mode
         # An override replaces the whole mode, and the filter's own default skips response
