@@ -60,10 +60,23 @@ def create(running: RunningTollgate, limit_id: str, *args: str) -> None:
     time.sleep(REFRESH_S + 0.5)  # every replica's view is at most one refresh old
 
 
+_CLIENTS: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Each test's SDK clients are closed with it (no pooled socket left for the GC)."""
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
+
+
 def client(running: RunningTollgate, **headers: str) -> openai.OpenAI:
-    return openai.OpenAI(
+    made = openai.OpenAI(
         base_url=running.envoy_url, api_key="sk-app", default_headers=headers, max_retries=0
     )
+    _CLIENTS.append(made)
+    return made
 
 
 def chat(c: openai.OpenAI, **kwargs: Any) -> Any:

@@ -56,10 +56,23 @@ def counted(running: RunningTollgate, send: Any) -> tuple[dict[str, float], Any]
     return {phase: after[phase] - before[phase] for phase in PHASES}, result
 
 
+_CLIENTS: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Each test's SDK clients are closed with it (no pooled socket left for the GC)."""
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
+
+
 def client(running: RunningTollgate, **headers: str) -> openai.OpenAI:
-    return openai.OpenAI(
+    made = openai.OpenAI(
         base_url=running.envoy_url, api_key="sk-app", default_headers=headers, max_retries=0
     )
+    _CLIENTS.append(made)
+    return made
 
 
 def row(database_url: str, request_id: str) -> dict[str, Any]:
