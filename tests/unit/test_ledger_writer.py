@@ -17,6 +17,7 @@ from tollgate.app import run_migrations
 from tollgate.ledger.journal import Journal
 from tollgate.ledger.migrate import available_migrations
 from tollgate.ledger.records import UsageRecord, new_request_id
+from tollgate.ledger.rollups import mismatch_query
 from tollgate.ledger.writer import LedgerWriter
 from tollgate.v1 import usage_pb2
 
@@ -104,6 +105,10 @@ async def test_batch_is_idempotent_and_rollup_matches(
         pool, "SELECT end_user_id, requests FROM tollgate.daily_usage ORDER BY end_user_id"
     )
     assert per_user == [("", 1), ("alice", 2), ("bob", 2)]
+    # monthly_usage and daily_totals agree with the rows, group by group.
+    assert await fetch(pool, mismatch_query()) == [(0, 0, 0)]
+    totals = await fetch(pool, "SELECT sum(requests), sum(unattributed) FROM tollgate.daily_totals")
+    assert totals == [(5, 1)]
 
 
 async def test_null_tokens_stay_null(

@@ -14,6 +14,7 @@ from tests.conftest import tollgate_cli
 from tests.unit.test_ledger_writer import make_writer, pool, record  # noqa: F401 (fixture)
 from tollgate.config import ConfigError
 from tollgate.ledger.reprice import reprice
+from tollgate.ledger.rollups import mismatch_query
 from tollgate.pricing import PriceBook, parse_overrides
 
 
@@ -124,6 +125,8 @@ async def test_reprice_fills_unknown_costs_once(pool, database_url: str) -> None
         ).fetchone()
         assert sums is not None
         assert sums[0] == sums[1]
+        # Every rollup (monthly_usage and daily_totals too) moved the same cost.
+        assert await (await conn.execute(mismatch_query())).fetchone() == (0, 0, 0)
 
 
 def test_reprice_command(database_url: str, tmp_path: Path) -> None:

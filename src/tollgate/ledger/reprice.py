@@ -20,6 +20,7 @@ import psycopg
 from psycopg.rows import class_row
 
 from tollgate.ledger.limits import RECHARGE_PRICED
+from tollgate.ledger.rollups import reprice_ctes
 from tollgate.pricing import PriceBook
 
 __all__ = ["RepriceResult", "reprice"]
@@ -71,18 +72,8 @@ WITH priced AS (
     RETURNING r.created_at, r.end_user_id, r.key_id, r.provider, r.model, r.cost_usd,
               r.outcome, r.limit_ids, r.input_tokens, r.output_tokens
 ), recharged AS ({RECHARGE_PRICED}
-), rolled AS (
-    UPDATE tollgate.daily_usage AS d
-    SET cost_usd = d.cost_usd + p.cost, unpriced_requests = d.unpriced_requests - p.n
-    FROM (SELECT (created_at AT TIME ZONE 'UTC')::date AS day,
-                 coalesce(end_user_id, '') AS end_user_id, coalesce(key_id, '') AS key_id,
-                 coalesce(provider, '') AS provider, coalesce(model, '') AS model,
-                 sum(cost_usd) AS cost, count(*) AS n
-          FROM priced GROUP BY 1, 2, 3, 4, 5) AS p
-    WHERE (d.day, d.end_user_id, d.key_id, d.provider, d.model)
-        = (p.day, p.end_user_id, p.key_id, p.provider, p.model)
-    RETURNING 1
-)
+),
+{reprice_ctes("priced")}
 SELECT count(*), coalesce(sum(cost_usd), 0) FROM priced
 """
 

@@ -44,6 +44,7 @@ from tollgate.ledger.copy_text import copy_rows
 from tollgate.ledger.journal import Journal, JournalEntry
 from tollgate.ledger.limits import ALERT_CROSSED, CHARGE_INSERTED
 from tollgate.ledger.records import COLUMNS, OUTCOME_NAMES, UsageRecord, optional, usage_flags
+from tollgate.ledger.rollups import rollup_ctes
 from tollgate.pricing import PriceBook
 from tollgate.stats import BoundedCounter, Histogram
 from tollgate.v1 import usage_pb2
@@ -77,37 +78,9 @@ WITH inserted AS (
     SELECT {_COLS} FROM pg_temp.incoming_requests
     ON CONFLICT DO NOTHING
     RETURNING *
-), rolled AS (
-    INSERT INTO tollgate.daily_usage AS d (
-        day, end_user_id, key_id, provider, model, requests, blocked,
-        input_tokens, cached_input_tokens, cache_write_tokens, output_tokens,
-        reasoning_tokens, total_tokens, cost_usd, unpriced_requests)
-    SELECT (created_at AT TIME ZONE 'UTC')::date,
-           coalesce(end_user_id, ''), coalesce(key_id, ''),
-           coalesce(provider, ''), coalesce(model, ''),
-           count(*), count(*) FILTER (WHERE outcome = 'blocked'),
-           coalesce(sum(input_tokens), 0), coalesce(sum(cached_input_tokens), 0),
-           coalesce(sum(cache_write_tokens), 0), coalesce(sum(output_tokens), 0),
-           coalesce(sum(reasoning_tokens), 0), coalesce(sum(total_tokens), 0),
-           coalesce(sum(cost_usd), 0),
-           count(*) FILTER (WHERE cost_usd IS NULL AND outcome <> 'blocked')
-    FROM inserted
-    GROUP BY 1, 2, 3, 4, 5
-    -- Concurrent batches lock rollup rows in one order, so they cannot deadlock.
-    ORDER BY 1, 2, 3, 4, 5
-    ON CONFLICT (day, end_user_id, key_id, provider, model) DO UPDATE SET
-        requests = d.requests + EXCLUDED.requests,
-        blocked = d.blocked + EXCLUDED.blocked,
-        input_tokens = d.input_tokens + EXCLUDED.input_tokens,
-        cached_input_tokens = d.cached_input_tokens + EXCLUDED.cached_input_tokens,
-        cache_write_tokens = d.cache_write_tokens + EXCLUDED.cache_write_tokens,
-        output_tokens = d.output_tokens + EXCLUDED.output_tokens,
-        reasoning_tokens = d.reasoning_tokens + EXCLUDED.reasoning_tokens,
-        total_tokens = d.total_tokens + EXCLUDED.total_tokens,
-        cost_usd = d.cost_usd + EXCLUDED.cost_usd,
-        unpriced_requests = d.unpriced_requests + EXCLUDED.unpriced_requests
-    RETURNING 1
-), charged AS ({CHARGE_INSERTED}
+),
+{rollup_ctes("inserted")},
+charged AS ({CHARGE_INSERTED}
 ), alerted AS ({ALERT_CROSSED}
 )
 SELECT (SELECT count(*) FROM inserted),
