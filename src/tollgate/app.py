@@ -43,6 +43,7 @@ from tollgate.ledger.migrate import apply_migrations
 from tollgate.ledger.service import BearerTokenInterceptor, UsageServicer
 from tollgate.ledger.writer import BatchObserver, LedgerWriter
 from tollgate.localstack import (
+    DashboardProcess,
     EmbeddedPostgres,
     EnvoyProcess,
     FakeProviderProcess,
@@ -58,6 +59,7 @@ from tollgate.routing.allowlist import BaseUriAllowList, InvalidBaseUri
 from tollgate.routing.providers import load_providers
 from tollgate.routing.router import Router
 from tollgate.v1 import usage_pb2_grpc
+from tollgate.web.auth import admin_token
 
 __all__ = [
     "Stack",
@@ -139,6 +141,7 @@ def _concrete_address(address: str) -> str:
 class StackOptions:
     run_envoy: bool = True
     fake_provider_port: int | None = None  # start the fake provider on this port
+    run_dashboard: bool = False  # start `tollgate dashboard` as a child (up, demo)
     envoy_target: str = "local"
 
 
@@ -258,6 +261,8 @@ class Stack:
         self.database_url = ""
         self.grpc_port = 0
         self.usage_port = 0
+        self.dashboard_url = ""
+        self.dashboard_token_file: Path | None = None
 
     @property
     def writer(self) -> LedgerWriter:
@@ -290,6 +295,8 @@ class Stack:
             grpc_address = _concrete_address(s.grpc_address)
             if self.options.fake_provider_port is not None:
                 await self._start_fake_provider(state, self.options.fake_provider_port)
+            if self.options.run_dashboard and s.dashboard_address:
+                await self._start_dashboard(state)
             envoy = None
             if self.options.run_envoy:
                 envoy = await self._start_envoy(state, s.with_overrides(grpc_address=grpc_address))
@@ -572,6 +579,30 @@ class Stack:
             functools.partial(envoy.start, drain_time_s=max(self.settings.shutdown_grace_s, 1))
         )
         return envoy
+
+    async def _start_dashboard(self, state: Path) -> None:
+        s = self.settings
+        token, self.dashboard_token_file = admin_token(s)  # made here, so it can be shown
+        address = _concrete_address(s.dashboard_address)
+        env = {
+            **os.environ,
+            "TOLLGATE_DATABASE_URL": self.database_url,
+            "TOLLGATE_STATE_DIR": str(state),
+            "TOLLGATE_DASHBOARD_ADDRESS": address,
+            "TOLLGATE_DASHBOARD_SESSION_HOURS": str(s.dashboard_session_hours),
+            "TOLLGATE_LOG_LEVEL": s.log_level,
+        }
+        # The child reads the token from the file or its own environment, never argv.
+        env.pop("TOLLGATE_DASHBOARD_ADMIN_TOKEN", None)
+        env.pop("TOLLGATE_DASHBOARD_ADMIN_TOKEN_FILE", None)
+        if self.dashboard_token_file is not None:
+            env["TOLLGATE_DASHBOARD_ADMIN_TOKEN_FILE"] = str(self.dashboard_token_file)
+        else:
+            env["TOLLGATE_DASHBOARD_ADMIN_TOKEN"] = token
+        dashboard = DashboardProcess(address, env, log_path=state / "dashboard.log")
+        self._teardown("the dashboard", lambda: asyncio.to_thread(dashboard.stop))
+        await asyncio.to_thread(dashboard.start)
+        self.dashboard_url = dashboard.url
 
     async def _start_fake_provider(self, state: Path, port: int) -> None:
         fake = FakeProviderProcess(port, log_path=state / "fake-provider.log")

@@ -70,8 +70,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("demo", help="offline quick start: stack + fake provider + SDK calls + report")
-    sub.add_parser("up", help="local all-in-one: Postgres, ext_proc server and Envoy on :10000")
+    demo = sub.add_parser(
+        "demo", help="offline quick start: stack + fake provider + SDK calls + report"
+    )
+    demo.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the stack and its dashboard running after the report until Ctrl-C "
+        "(default: when stdin is a terminal)",
+    )
+    sub.add_parser(
+        "up", help="local all-in-one: Postgres, ext_proc server, dashboard and Envoy on :10000"
+    )
+    sub.add_parser(
+        "dashboard",
+        help="the usage web UI and its /api/v1/ JSON and CSV API on dashboard_address",
+    )
     sub.add_parser(
         "serve",
         help="the sidecar: ext_proc gRPC server with health, /healthz, /readyz and /metrics",
@@ -142,6 +157,20 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--format", choices=("table", "json"), default="table")
     revoke = keys_sub.add_parser("revoke", help="revoke a key (within key_cache_refresh_s)")
     revoke.add_argument("key_id", metavar="KEY_ID")
+
+    viewers = sub.add_parser(
+        "viewers", help="dashboard viewer tokens (one gateway key's rows): create, list, revoke"
+    )
+    viewers_sub = viewers.add_subparsers(dest="viewers_command", required=True, metavar="ACTION")
+    v_create = viewers_sub.add_parser("create", help="create a viewer token; it is shown once")
+    v_create.add_argument("--key", required=True, metavar="KEY_ID", help="the gateway key it sees")
+    v_create.add_argument("--name", help="who or what it is for (default: viewer of KEY_ID)")
+    v_create.add_argument("--format", choices=("text", "json"), default="text")
+    v_list = viewers_sub.add_parser("list", help="list viewer tokens (never their plaintext)")
+    v_list.add_argument("--all", action="store_true", help="include revoked ones")
+    v_list.add_argument("--format", choices=("table", "json"), default="table")
+    v_revoke = viewers_sub.add_parser("revoke", help="revoke a viewer token (within ~5 s)")
+    v_revoke.add_argument("viewer_id", metavar="VIEWER_ID")
 
     limits = sub.add_parser("limits", help="limits: create, list, show, update, delete")
     limits_sub = limits.add_subparsers(dest="limits_command", required=True, metavar="ACTION")
@@ -265,7 +294,12 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     if command == "prune":
         return await _prune(args, settings)
     if command == "demo":
-        return await _demo(settings)
+        wait = sys.stdin.isatty() if args.wait is None else args.wait
+        return await _demo(settings, wait=wait)
+    if command == "dashboard":
+        return await _dashboard(settings)
+    if command == "viewers":
+        return await _viewers(args, settings)
     if command in ("up", "serve"):
         return await _serve(settings, with_envoy=command == "up")
     raise AssertionError(command)
@@ -327,6 +361,60 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
                     f"revoked {args.key_id}; Tollgate stops accepting it within about"
                     f" {settings.key_cache_refresh_s}s\n"
                 )
+            else:
+                raise AssertionError(action)
+    sys.stdout.write(out)
+    return 0
+
+
+async def _dashboard(settings: Settings) -> int:
+    from tollgate.app import ledger_database, run_migrations, stop_signal
+    from tollgate.web.server import serve_dashboard
+
+    if not settings.dashboard_address:
+        print("tollgate: dashboard_address is empty: nowhere to listen", file=sys.stderr)
+        return 2
+    async with ledger_database(settings) as url:
+        await run_migrations(url)
+        print(f"ledger:   {mask_dsn(url)}", flush=True)
+        with stop_signal() as stop:
+            await serve_dashboard(settings, url, stop)
+    return 0
+
+
+async def _viewers(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+
+    from tollgate.app import ledger_database, run_migrations
+    from tollgate.keys_report import format_created_viewer, format_viewer_list
+    from tollgate.ledger.viewers import ViewerError, create_viewer, list_viewers, revoke_viewer
+
+    action: str = args.viewers_command
+    async with ledger_database(settings) as url:
+        await run_migrations(url)
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            if action == "create":
+                try:
+                    plaintext, viewer = await create_viewer(
+                        conn, key_id=args.key, name=args.name or f"viewer of {args.key}"
+                    )
+                except ViewerError as exc:
+                    print(f"tollgate: {exc}", file=sys.stderr)
+                    return 2
+                out = format_created_viewer(plaintext, viewer, args.format)
+            elif action == "list":
+                out = format_viewer_list(
+                    await list_viewers(conn, include_revoked=args.all), args.format
+                )
+            elif action == "revoke":
+                if not await revoke_viewer(conn, args.viewer_id):
+                    print(
+                        f"tollgate: no active viewer token {args.viewer_id!r}"
+                        " (unknown or already revoked)",
+                        file=sys.stderr,
+                    )
+                    return 1
+                out = f"revoked {args.viewer_id}; the dashboard stops accepting it within ~5s\n"
             else:
                 raise AssertionError(action)
     sys.stdout.write(out)
@@ -439,27 +527,48 @@ async def _prune(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _demo(settings: Settings) -> int:
-    from tollgate.demo import DEMO_CALLS, run_demo
+async def _demo(settings: Settings, *, wait: bool) -> int:
+    from tollgate.demo import DEMO_CALLS, DemoResult, run_demo
     from tollgate.usage_report import format_user_totals
 
+    users = len({call.user for call in DEMO_CALLS if call.user})
     print(
-        f"Tollgate demo: {len(DEMO_CALLS)} chat completions as 3 users, through Envoy…", flush=True
-    )
-    result = await run_demo(settings)
-    print()
-    print(format_user_totals(result.totals, "table"), end="")
-    state = settings.resolved_state_dir()
-    print(
-        f"\nDone in {result.seconds:.1f}s. Every call went app → Envoy → Tollgate (ext_proc) →"
-        " fake provider,\nand its usage landed in Postgres (tollgate.requests).\n\n"
-        "Where to look next:\n"
-        "  tollgate usage --user alice             # alice's calls, row by row\n"
-        "  tollgate usage --by-user --format csv   # the table above as CSV\n"
-        "  tollgate up                             # Envoy on :10000, SDK base_url .../v1\n"
-        f"  {state}   # ledger data and logs\n",
+        f"Tollgate demo: {len(DEMO_CALLS)} chat completions as {users} users and one without a"
+        " user id, through Envoy…",
         flush=True,
     )
+
+    def report(result: DemoResult) -> None:
+        print()
+        print(format_user_totals(result.totals, "table"), end="")
+        state = settings.resolved_state_dir()
+        print(
+            f"\nDone in {result.seconds:.1f}s. Every call went app → Envoy → Tollgate (ext_proc) →"
+            " fake provider,\nand its usage landed in Postgres (tollgate.requests).\n",
+            flush=True,
+        )
+        if result.dashboard_url:
+            token = (
+                f"the admin token is in {result.dashboard_token_file}"
+                if result.dashboard_token_file
+                else "sign in with dashboard_admin_token"
+            )
+            print(f"Dashboard: {result.dashboard_url} ({token})", flush=True)
+            if wait:
+                print("It stays up until Ctrl-C.", flush=True)
+            else:
+                print("(stopped with the demo; `tollgate dashboard` serves it again)", flush=True)
+        print(
+            "\nWhere to look next:\n"
+            "  tollgate usage --user alice             # alice's calls, row by row\n"
+            "  tollgate usage --by-user --format csv   # the table above as CSV\n"
+            "  tollgate dashboard                      # the web UI over this ledger\n"
+            "  tollgate up                             # Envoy on :10000, SDK base_url .../v1\n"
+            f"  {state}   # ledger data and logs\n",
+            flush=True,
+        )
+
+    await run_demo(settings, report, wait=wait)
     return 0
 
 
@@ -472,7 +581,7 @@ def _shown_address(address: str, port: int) -> str:
 async def _serve(settings: Settings, *, with_envoy: bool) -> int:
     from tollgate.app import Stack, StackOptions, stop_signal
 
-    stack = Stack(settings, StackOptions(run_envoy=with_envoy))
+    stack = Stack(settings, StackOptions(run_envoy=with_envoy, run_dashboard=with_envoy))
     await stack.start()
     # Handlers stay installed through the shutdown: a second SIGTERM while stopping must not
     # kill the process halfway (the stop is already under way).
@@ -503,6 +612,13 @@ async def _serve(settings: Settings, *, with_envoy: bool) -> int:
                     f"http:     http://{settings.metrics_address}/metrics, /healthz, /readyz",
                     flush=True,
                 )
+            if stack.dashboard_url:
+                token = (
+                    f"admin token in {stack.dashboard_token_file}"
+                    if stack.dashboard_token_file
+                    else "admin token: dashboard_admin_token"
+                )
+                print(f"dashboard: {stack.dashboard_url} ({token})", flush=True)
             print("tollgate is ready; Ctrl-C or SIGTERM stops everything", flush=True)
             await stop.wait()
             log.info("stop requested: draining")

@@ -431,6 +431,31 @@ class Settings:
         "them leaves its usage unrecorded (`client_aborted`), and so does an answer without a "
         "body. Off: the headers wait until the usage is journaled.",
     )
+    dashboard_address: str = _setting(
+        "127.0.0.1:8080",
+        "`host:port` the dashboard and its `/api/v1/` listen on (`tollgate dashboard`, and "
+        "the dashboard `tollgate up`/`demo` start). Empty: `up` and `demo` start no "
+        "dashboard. Every page and API call needs the admin token or a viewer token; off "
+        "loopback, put TLS in front of it (the session cookie is marked Secure behind an "
+        "`x-forwarded-proto: https` proxy).",
+    )
+    dashboard_admin_token: str = _setting(
+        "",
+        "The dashboard's admin token (sees every row); prefer `dashboard_admin_token_file`. At "
+        "least 16 characters. Neither set: a random one is made in "
+        "`state_dir/dashboard-admin-token` (owner-only) on first start. Never logged.",
+        secret=True,
+    )
+    dashboard_admin_token_file: str = _setting(
+        "",
+        "File holding the dashboard's admin token (surrounding whitespace ignored).",
+    )
+    dashboard_session_hours: int = _setting(
+        12,
+        "How long a dashboard login lasts (the signed session cookie's lifetime).",
+        minimum=1,
+        maximum=24 * 30,
+    )
 
     def __repr__(self) -> str:
         parts = []
@@ -604,6 +629,16 @@ def _validated(settings: Settings) -> Settings:
         value = getattr(settings, name)
         if (value or name == "grpc_address") and not _ADDRESS.match(value):
             raise ConfigError(f"{name} must be host:port or unix:/path, got {value!r}")
+    if settings.dashboard_address and not _ADDRESS.match(settings.dashboard_address):
+        raise ConfigError(
+            f"dashboard_address must be host:port, got {settings.dashboard_address!r}"
+        )
+    if settings.dashboard_address.startswith("unix:"):
+        raise ConfigError("dashboard_address must be host:port, not a unix socket")
+    if settings.dashboard_admin_token and settings.dashboard_admin_token_file:
+        raise ConfigError("set dashboard_admin_token or dashboard_admin_token_file, not both")
+    if settings.dashboard_admin_token and len(settings.dashboard_admin_token.strip()) < 16:
+        raise ConfigError("dashboard_admin_token must be at least 16 characters")
     if settings.metrics_address.startswith("unix:"):
         raise ConfigError(f"metrics_address must be host:port, got {settings.metrics_address!r}")
     upstream = urlsplit(settings.upstream_url)

@@ -1,4 +1,5 @@
-"""Formats `tollgate keys` output: a created key (shown once) and the key list."""
+"""Formats `tollgate keys` and `tollgate viewers` output: a created key or viewer token
+(shown once) and the lists."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from tollgate.ledger.viewers import Viewer, ViewerRow
 from tollgate.policy.keys import GatewayKey, KeyRow
 
-__all__ = ["format_created_key", "format_key_list"]
+__all__ = ["format_created_key", "format_created_viewer", "format_key_list", "format_viewer_list"]
 
 
 def _enforce(value: bool | None) -> str:
@@ -55,16 +57,72 @@ def format_created_key(plaintext: str, key: GatewayKey, fmt: str) -> str:
     )
 
 
+def _json_rows(rows: Sequence[KeyRow] | Sequence[ViewerRow]) -> str:
+    records: list[dict[str, Any]] = []
+    for row in rows:
+        record = dataclasses.asdict(row)
+        record["created_at"] = row.created_at.isoformat()
+        record["revoked_at"] = row.revoked_at.isoformat() if row.revoked_at else None
+        records.append(record)
+    return json.dumps(records, indent=2) + "\n"
+
+
+def _aligned(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+
+    def fmt_line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt_line(header), rule, *(fmt_line(line) for line in lines)]) + "\n"
+
+
+def _status(revoked_at: datetime | None) -> str:
+    return f"revoked {_utc(revoked_at)}" if revoked_at else "active"
+
+
+def format_created_viewer(plaintext: str, viewer: Viewer, fmt: str) -> str:
+    """The new viewer token; the one place its plaintext is ever printed."""
+    if fmt == "json":
+        record = {
+            "token": plaintext,
+            "viewer_id": viewer.viewer_id,
+            "name": viewer.name,
+            "key_id": viewer.key_id,
+        }
+        return json.dumps(record, indent=2) + "\n"
+    return (
+        f"Created viewer token {viewer.viewer_id} ({viewer.name}):\n\n"
+        f"    {plaintext}\n\n"
+        f"It signs in to the dashboard and the /api/v1/ API and sees gateway key\n"
+        f"{viewer.key_id}'s requests only. Store it now: it will not be shown again.\n"
+    )
+
+
+def format_viewer_list(rows: Sequence[ViewerRow], fmt: str) -> str:
+    if fmt == "json":
+        return _json_rows(rows)
+    if not rows:
+        return "no viewer tokens\n"
+    header = ["viewer_id", "prefix", "name", "key_id", "created (UTC)", "status"]
+    lines = [
+        [
+            row.viewer_id,
+            f"{row.token_prefix}…",
+            row.name,
+            row.key_id,
+            _utc(row.created_at),
+            _status(row.revoked_at),
+        ]
+        for row in rows
+    ]
+    return _aligned(header, lines)
+
+
 def format_key_list(rows: Sequence[KeyRow], fmt: str) -> str:
     """Keys as an aligned table or a JSON array (field names = column names)."""
     if fmt == "json":
-        records: list[dict[str, Any]] = []
-        for row in rows:
-            record = dataclasses.asdict(row)
-            record["created_at"] = row.created_at.isoformat()
-            record["revoked_at"] = row.revoked_at.isoformat() if row.revoked_at else None
-            records.append(record)
-        return json.dumps(records, indent=2) + "\n"
+        return _json_rows(rows)
     if not rows:
         return "no gateway keys\n"
     header = [
@@ -88,14 +146,8 @@ def format_key_list(rows: Sequence[KeyRow], fmt: str) -> str:
             _providers(row.allowed_providers),
             row.credential_mode,
             _utc(row.created_at),
-            f"revoked {_utc(row.revoked_at)}" if row.revoked_at else "active",
+            _status(row.revoked_at),
         ]
         for row in rows
     ]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-
-    def fmt_line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt_line(header), rule, *(fmt_line(line) for line in lines)]) + "\n"
+    return _aligned(header, lines)

@@ -10,7 +10,7 @@ from typing import Any
 
 from tollgate.ledger.limits import Limit, PeriodSpend
 
-__all__ = ["format_limit", "format_limit_list"]
+__all__ = ["format_limit", "format_limit_list", "limit_record"]
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -50,6 +50,25 @@ def _spend(limit: Limit, spend: PeriodSpend) -> dict[str, Any]:
     }
 
 
+def limit_record(
+    limit: Limit,
+    period_start: datetime | None,
+    reset_at: datetime | None,
+    spent: Sequence[PeriodSpend],
+) -> dict[str, Any]:
+    """A limit, its current period and each subject's spend, as JSON-ready fields (the
+    JSON of ``tollgate limits show`` and of the dashboard's ``/api/v1/limits``)."""
+    rows = list(spent)
+    if not rows and not (limit.subject is None and limit.scope in ("user", "key")):
+        rows = [PeriodSpend("", Decimal(0), 0, 0, 0)]
+    return {
+        **_definition(limit),
+        "period_start": _iso(period_start),
+        "reset_at": _iso(reset_at),
+        "spend": [_spend(limit, s) for s in rows],
+    }
+
+
 def format_limit(
     limit: Limit,
     period_start: datetime | None,
@@ -61,15 +80,7 @@ def format_limit(
 
     A limit that charges each user (key) separately lists them, largest first; one with a
     single spend shows it (zero when nothing was charged yet)."""
-    rows = list(spent)
-    if not rows and not (limit.subject is None and limit.scope in ("user", "key")):
-        rows = [PeriodSpend("", Decimal(0), 0, 0, 0)]
-    record = {
-        **_definition(limit),
-        "period_start": _iso(period_start),
-        "reset_at": _iso(reset_at),
-        "spend": [_spend(limit, s) for s in rows],
-    }
+    record = limit_record(limit, period_start, reset_at, spent)
     if fmt == "json":
         return json.dumps(record, indent=2) + "\n"
     lines = [

@@ -30,6 +30,7 @@ __all__ = [
     "POSTGRES_SYSTEM_USER",
     "ROOT_DATA_BASE",
     "ChildProcess",
+    "DashboardProcess",
     "EmbeddedPostgres",
     "EnvoyProcess",
     "FakeProviderProcess",
@@ -597,6 +598,34 @@ class FakeProviderProcess(ChildProcess):
     def _accepting(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+
+class DashboardProcess(ChildProcess):
+    """``tollgate dashboard`` as a child of ``up``/``demo``: its queries and CSV exports run
+    in their own process, never on the event loop that serves ext_proc."""
+
+    name = "dashboard"
+
+    def __init__(self, address: str, env: dict[str, str], *, log_path: Path) -> None:
+        super().__init__(log_path)
+        self.address = address
+        self._env = env
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}/"
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        self._spawn([sys.executable, "-m", "tollgate", "dashboard"], env=self._env)
+        _wait_until(self._accepting, "dashboard", timeout_s, self)
+
+    def _accepting(self) -> bool:
+        host, _, port = self.address.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=0.5):
                 return True
         except OSError:
             return False

@@ -167,7 +167,7 @@ def test_demo_from_nothing(tmp_path: Path) -> None:
     assert usage.returncode == 0, usage.stderr
     lines = usage.stdout.splitlines()
     assert lines[0] == "end_user_id,requests,input_tokens,output_tokens,total_tokens,cost_usd"
-    assert {line.split(",")[0] for line in lines[1:]} == {"alice", "bob", "carol"}
+    assert {line.split(",")[0] for line in lines[1:]} == {"alice", "bob", "carol", ""}
     assert processes_using(state) == []
 
 

@@ -1,0 +1,705 @@
+"""The dashboard's queries: what each page and API call reads, and from where.
+
+* The **log** reads ``tollgate.requests`` newest first through its time, user, key and
+  not-ok indexes, a page at a time with a keyset cursor ``(created_at, request_id)`` (never
+  OFFSET: page 1,000 costs what page 1 does). The CSV export is one ``COPY (SELECT …) TO
+  STDOUT``: Postgres formats the rows and they are passed on as they arrive.
+* **Aggregates** (users, a user's page, the overview) read the rollups: whole calendar
+  months of a period from ``monthly_usage``, the days at its edges from ``daily_usage``, the
+  time series from ``daily_totals``. None of them scans ``requests``.
+
+Every query takes a :class:`Scope`: a viewer's gateway key is added to every WHERE here, from
+the principal, whatever the query string asked for.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import calendar
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, fields
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import class_row, dict_row
+
+from tollgate.ledger.limits import Limit, PeriodSpend, list_limits
+from tollgate.ledger.queries import RequestRow
+
+__all__ = [
+    "OUTCOMES",
+    "USER_SORTS",
+    "LogFilter",
+    "LogPage",
+    "ParamError",
+    "Period",
+    "Scope",
+    "UserRow",
+    "copy_csv",
+    "fetch_log",
+]
+
+OUTCOMES = (
+    "ok",
+    "blocked",
+    "upstream_error",
+    "client_aborted",
+    "usage_missing",
+    "internal_error",
+)
+MAX_PAGE = 500
+MAX_TEXT = 300  # longest filter value taken (ids are at most 255 characters)
+REQUEST_COLUMNS = tuple(f.name for f in fields(RequestRow))
+
+
+class ParamError(ValueError):
+    """A query parameter that cannot be used; ``param`` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ScopeError(PermissionError):
+    """A viewer asked for another key's rows."""
+
+
+@dataclass(frozen=True)
+class Scope:
+    key_id: str | None = None  # None: every key (the admin)
+
+    def key_clause(self, column: str = "key_id") -> tuple[sql.Composable, list[Any]]:
+        if self.key_id is None:
+            return sql.SQL("TRUE"), []
+        return sql.SQL("{} = %s").format(sql.Identifier(column)), [self.key_id]
+
+    def check_key(self, asked: str | None) -> None:
+        if self.key_id is not None and asked is not None and asked != self.key_id:
+            raise ScopeError(f"this viewer token sees gateway key {self.key_id} only")
+
+
+def _text(query: Mapping[str, str], name: str) -> str | None:
+    value = query.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    if len(value) > MAX_TEXT or "\x00" in value:
+        raise ParamError(name, f"{name} must be at most {MAX_TEXT} characters, without NUL")
+    return value
+
+
+def _instant(query: Mapping[str, str], name: str) -> datetime | None:
+    text = _text(query, name)
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ParamError(
+            name, f"{name} must be an ISO 8601 date or date-time, got {text!r}"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _day(query: Mapping[str, str], name: str) -> date | None:
+    text = _text(query, name)
+    if text is None:
+        return None
+    try:
+        return date.fromisoformat(text[:10]) if len(text) >= 10 else date.fromisoformat(text)
+    except ValueError:
+        raise ParamError(name, f"{name} must be a date (YYYY-MM-DD), got {text!r}") from None
+
+
+def _flag(query: Mapping[str, str], name: str) -> bool:
+    text = (query.get(name) or "").strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    if text in ("1", "true", "yes", "on"):
+        return True
+    raise ParamError(name, f"{name} must be true or false, got {text!r}")
+
+
+def page_size(query: Mapping[str, str], default: int = 50) -> int:
+    text = (query.get("limit") or "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
+        raise ParamError("limit", f"limit must be a whole number from 1 to {MAX_PAGE}")
+    return int(text)
+
+
+# -- the log ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogFilter:
+    """Which ledger rows the log (and its CSV) shows; None means "any"."""
+
+    user: str | None = None
+    unattributed: bool = False  # only rows without an end user
+    key: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    endpoint: str | None = None
+    tag: str | None = None
+    outcome: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    PARAMS = (
+        "user",
+        "unattributed",
+        "key",
+        "provider",
+        "model",
+        "endpoint",
+        "tag",
+        "outcome",
+        "since",
+        "until",
+    )
+
+    @classmethod
+    def parse(cls, query: Mapping[str, str]) -> LogFilter:
+        outcome = _text(query, "outcome")
+        if outcome is not None and outcome not in OUTCOMES:
+            raise ParamError("outcome", f"outcome must be one of {', '.join(OUTCOMES)}")
+        found = cls(
+            user=_text(query, "user"),
+            unattributed=_flag(query, "unattributed"),
+            key=_text(query, "key"),
+            provider=_text(query, "provider"),
+            model=_text(query, "model"),
+            endpoint=_text(query, "endpoint"),
+            tag=_text(query, "tag"),
+            outcome=outcome,
+            since=_instant(query, "since"),
+            until=_instant(query, "until"),
+        )
+        if found.user is not None and found.unattributed:
+            raise ParamError("unattributed", "give user or unattributed, not both")
+        return found
+
+    def query(self) -> dict[str, str]:
+        """The filter as URL parameters (only the ones set)."""
+        out: dict[str, str] = {}
+        for name in self.PARAMS:
+            value = getattr(self, name)
+            if value is None or value is False:
+                continue
+            out[name] = (
+                "true"
+                if value is True
+                else value.isoformat()
+                if isinstance(value, datetime)
+                else str(value)
+            )
+        return out
+
+    def where(self, scope: Scope) -> tuple[sql.Composable, list[Any]]:
+        scope.check_key(self.key)
+        clauses: list[sql.Composable] = []
+        params: list[Any] = []
+        key_sql, key_params = scope.key_clause()
+        clauses.append(key_sql)
+        params += key_params
+        for column in ("key", "provider", "model", "endpoint", "outcome"):
+            value = getattr(self, column)
+            if value is not None:
+                name = "key_id" if column == "key" else column
+                clauses.append(sql.SQL("{} = %s").format(sql.Identifier(name)))
+                params.append(value)
+        if self.user is not None:
+            clauses.append(sql.SQL("end_user_id = %s"))
+            params.append(self.user)
+        if self.unattributed:
+            clauses.append(sql.SQL("end_user_id IS NULL"))
+        if self.tag is not None:
+            clauses.append(sql.SQL("tags @> ARRAY[%s]::text[]"))
+            params.append(self.tag)
+        if self.since is not None:
+            clauses.append(sql.SQL("created_at >= %s"))
+            params.append(self.since)
+        if self.until is not None:
+            clauses.append(sql.SQL("created_at < %s"))
+            params.append(self.until)
+        return sql.SQL(" AND ").join(clauses), params
+
+
+def encode_cursor(created_at: datetime, request_id: uuid.UUID) -> str:
+    text = f"{created_at.astimezone(UTC).isoformat()}|{request_id}"
+    return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
+
+
+def decode_cursor(text: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+        at, _, rid = raw.partition("|")
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None:
+            raise ValueError(at)
+        return when, uuid.UUID(rid)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ParamError("cursor", "cursor is not one this API returned") from None
+
+
+@dataclass(frozen=True)
+class LogPage:
+    rows: list[RequestRow]
+    next_cursor: str | None
+
+
+async def fetch_log(
+    conn: psycopg.AsyncConnection[Any],
+    where: LogFilter,
+    scope: Scope,
+    *,
+    cursor: str | None = None,
+    limit: int = 50,
+) -> LogPage:
+    """One page of the log, newest first, and the cursor of the next one (None: last)."""
+    cond, params = where.where(scope)
+    if cursor:
+        at, rid = decode_cursor(cursor)
+        # Spelled out rather than as a row comparison, so that created_at <= %s is an index
+        # condition and a deep page starts where the last one ended.
+        cond = sql.SQL("{} AND created_at <= %s AND (created_at < %s OR request_id < %s)").format(
+            cond
+        )
+        params += [at, at, rid]
+    query = sql.SQL(
+        "SELECT * FROM tollgate.requests WHERE {}"
+        " ORDER BY created_at DESC, request_id DESC LIMIT %s"
+    ).format(cond)
+    async with conn.cursor(row_factory=class_row(RequestRow)) as cur:
+        await cur.execute(query, [*params, limit + 1])
+        rows = await cur.fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    last = rows[-1] if rows else None
+    return LogPage(rows, encode_cursor(last.created_at, last.request_id) if more and last else None)
+
+
+# How each ledger column is written in the CSV export: times in ISO 8601 UTC, arrays joined
+# by ';' (as `tollgate usage --format csv` does), units as JSON; everything else as Postgres
+# prints it (numeric exactly, booleans as t/f → spelt true/false here for spreadsheets).
+def _csv_expr(column: str) -> sql.Composable:
+    ident = sql.Identifier(column)
+    if column == "created_at":
+        return sql.SQL(
+            "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')"
+            " AS created_at"
+        )
+    if column in ("tags", "limit_ids", "usage_flags"):
+        return sql.SQL("array_to_string({0}, ';') AS {0}").format(ident)
+    if column in ("streamed", "logging_disabled"):
+        return sql.SQL("CASE WHEN {0} THEN 'true' ELSE 'false' END AS {0}").format(ident)
+    return ident
+
+
+async def copy_csv(
+    conn: psycopg.AsyncConnection[Any], where: LogFilter, scope: Scope
+) -> AsyncIterator[bytes]:
+    """Every row of ``where`` as CSV with a header of the ledger's column names, newest
+    first, in the chunks Postgres sends (constant memory, whatever the number of rows)."""
+    cond, params = where.where(scope)
+    select = sql.SQL(
+        "SELECT {} FROM tollgate.requests WHERE {} ORDER BY created_at DESC, request_id DESC"
+    ).format(sql.SQL(", ").join(_csv_expr(c) for c in REQUEST_COLUMNS), cond)
+    statement = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER)").format(select)
+    async with conn.cursor() as cur, cur.copy(statement, params) as copy:
+        async for chunk in copy:
+            yield bytes(chunk)
+
+
+# -- periods and the rollups ----------------------------------------------------------------
+
+
+def _month_start(day: date) -> date:
+    return day.replace(day=1)
+
+
+def _next_month(day: date) -> date:
+    return (day.replace(day=28) + timedelta(days=4)).replace(day=1)
+
+
+@dataclass(frozen=True)
+class Period:
+    """Whole UTC days ``[since, until)``."""
+
+    since: date
+    until: date
+
+    @classmethod
+    def parse(cls, query: Mapping[str, str], today: date | None = None) -> Period:
+        """``month=YYYY-MM``, or ``since``/``until`` dates (until exclusive; either may be
+        left out), else the current month."""
+        today = today or datetime.now(UTC).date()
+        month = _text(query, "month")
+        if month is not None:
+            try:
+                first = date.fromisoformat(f"{month}-01")
+            except ValueError:
+                raise ParamError("month", f"month must be YYYY-MM, got {month!r}") from None
+            return cls(first, _next_month(first))
+        since, until = _day(query, "since"), _day(query, "until")
+        if since is None and until is None:
+            return cls(_month_start(today), _next_month(today))
+        until = until or today + timedelta(days=1)
+        since = since or until - timedelta(days=30)
+        if since >= until:
+            raise ParamError("until", "until must be after since")
+        if (until - since).days > 3700:
+            raise ParamError("since", "a period is at most ten years")
+        return cls(since, until)
+
+    @property
+    def days(self) -> int:
+        return (self.until - self.since).days
+
+    @property
+    def is_month(self) -> bool:
+        return self.since.day == 1 and self.until == _next_month(self.since)
+
+    def label(self) -> str:
+        if self.is_month:
+            return f"{calendar.month_name[self.since.month]} {self.since.year}"
+        last = self.until - timedelta(days=1)
+        return f"{self.since.isoformat()} to {last.isoformat()}"
+
+    def query(self) -> dict[str, str]:
+        if self.is_month:
+            return {"month": self.since.strftime("%Y-%m")}
+        return {"since": self.since.isoformat(), "until": self.until.isoformat()}
+
+    def log_query(self) -> dict[str, str]:
+        """The same days as the log's since/until."""
+        return {"since": self.since.isoformat(), "until": self.until.isoformat()}
+
+    def parts(self) -> tuple[tuple[date, date] | None, list[tuple[date, date]]]:
+        """The whole months in the period, and the day ranges left at its edges."""
+        first = self.since if self.since.day == 1 else _next_month(self.since)
+        last = _month_start(self.until)
+        if first >= last:
+            return None, [(self.since, self.until)]
+        edges = [(a, b) for a, b in ((self.since, first), (last, self.until)) if a < b]
+        return (first, last), edges
+
+
+_SUMMED = (
+    "requests",
+    "blocked",
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "cost_usd",
+    "unpriced_requests",
+)
+
+
+def _rollup_source(period: Period, scope: Scope) -> tuple[sql.Composable, list[Any]]:
+    """The period's rows of monthly_usage and daily_usage as one relation."""
+    key_sql, key_params = scope.key_clause()
+    cols = sql.SQL(", ").join(
+        sql.Identifier(c) for c in ("end_user_id", "key_id", "provider", "model", *_SUMMED)
+    )
+    parts: list[sql.Composable] = []
+    params: list[Any] = []
+    months, edges = period.parts()
+    if months is not None:
+        parts.append(
+            sql.SQL(
+                "SELECT {} FROM tollgate.monthly_usage WHERE month >= %s AND month < %s AND {}"
+            ).format(cols, key_sql)
+        )
+        params += [months[0], months[1], *key_params]
+    for lo, hi in edges:
+        parts.append(
+            sql.SQL(
+                "SELECT {} FROM tollgate.daily_usage WHERE day >= %s AND day < %s AND {}"
+            ).format(cols, key_sql)
+        )
+        params += [lo, hi, *key_params]
+    return sql.SQL("({})").format(sql.SQL(" UNION ALL ").join(parts)), params
+
+
+def _sums() -> sql.Composable:
+    return sql.SQL(", ").join(
+        sql.SQL("sum({0})::{1} AS {0}").format(
+            sql.Identifier(c), sql.SQL("numeric" if c == "cost_usd" else "bigint")
+        )
+        for c in _SUMMED
+    )
+
+
+@dataclass(frozen=True)
+class UserRow:
+    end_user_id: str | None  # None: requests without an end user
+    requests: int
+    blocked: int
+    input_tokens: int
+    cached_input_tokens: int
+    cache_write_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+    cost_usd: Decimal
+    unpriced_requests: int
+
+
+USER_SORTS = (
+    "end_user_id",
+    "requests",
+    "blocked",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cost_usd",
+)
+
+
+def _like(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+async def fetch_users(
+    conn: psycopg.AsyncConnection[Any],
+    period: Period,
+    scope: Scope,
+    *,
+    search: str | None = None,
+    sort: str = "cost_usd",
+    descending: bool = True,
+    limit: int = 100,
+) -> tuple[list[UserRow], int]:
+    """Per-user totals over ``period`` (the requests without a user as one row) and how
+    many users matched in all."""
+    if sort not in USER_SORTS:
+        raise ParamError("sort", f"sort must be one of {', '.join(USER_SORTS)}")
+    source, params = _rollup_source(period, scope)
+    cond: sql.Composable = sql.SQL("TRUE")
+    if search:
+        cond = sql.SQL("end_user_id ILIKE %s")
+        params.append(_like(search))
+    direction = sql.SQL("DESC" if descending else "ASC")
+    order = sql.SQL("{} {} NULLS LAST, end_user_id").format(sql.Identifier(sort), direction)
+    query = sql.SQL(
+        "SELECT nullif(end_user_id, '') AS end_user_id, {}, count(*) OVER () AS matched"
+        " FROM {} AS u WHERE {} GROUP BY end_user_id ORDER BY {} LIMIT %s"
+    ).format(_sums(), source, cond, order)
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(query, [*params, limit])
+        found = await cur.fetchall()
+    matched = int(found[0]["matched"]) if found else 0
+    return [UserRow(**{k: v for k, v in r.items() if k != "matched"}) for r in found], matched
+
+
+async def fetch_totals(
+    conn: psycopg.AsyncConnection[Any], period: Period, scope: Scope, user: str | None = None
+) -> UserRow:
+    """The period's totals (one user's when ``user`` is given; '' for no user)."""
+    source, params = _rollup_source(period, scope)
+    cond: sql.Composable = sql.SQL("TRUE")
+    if user is not None:
+        cond = sql.SQL("end_user_id = %s")
+        params.append(user)
+    query = sql.SQL("SELECT {} FROM {} AS u WHERE {}").format(_sums(), source, cond)
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(query, params)
+        row = await cur.fetchone()
+    assert row is not None
+    values: dict[str, Any] = {
+        k: (v if v is not None else (Decimal(0) if k == "cost_usd" else 0)) for k, v in row.items()
+    }
+    return UserRow(end_user_id=user or None, **values)
+
+
+async def fetch_top(
+    conn: psycopg.AsyncConnection[Any],
+    period: Period,
+    scope: Scope,
+    group: tuple[str, ...],
+    *,
+    user: str | None = None,
+    limit: int = 10,
+) -> list[dict[str, Any]]:
+    """The period's totals grouped by ``group`` (e.g. provider, model), costliest first."""
+    allowed = {"end_user_id", "key_id", "provider", "model"}
+    if not group or not set(group) <= allowed:
+        raise ValueError(group)
+    source, params = _rollup_source(period, scope)
+    cond: sql.Composable = sql.SQL("TRUE")
+    if user is not None:
+        cond = sql.SQL("end_user_id = %s")
+        params.append(user)
+    names = sql.SQL(", ").join(sql.Identifier(g) for g in group)
+    shown = sql.SQL(", ").join(
+        sql.SQL("nullif({0}, '') AS {0}").format(sql.Identifier(g)) for g in group
+    )
+    query = sql.SQL(
+        "SELECT {}, {} FROM {} AS u WHERE {} GROUP BY {}"
+        " ORDER BY cost_usd DESC, requests DESC, {} LIMIT %s"
+    ).format(shown, _sums(), source, cond, names, names)
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(query, [*params, limit])
+        return await cur.fetchall()
+
+
+async def fetch_series(
+    conn: psycopg.AsyncConnection[Any], period: Period, scope: Scope, user: str | None = None
+) -> list[dict[str, Any]]:
+    """Per day of ``period``: requests, blocked, unattributed, tokens and cost (every day,
+    zeros included). All users from daily_totals; one user from daily_usage."""
+    key_sql, key_params = scope.key_clause()
+    if user is None:
+        source = sql.SQL(
+            "SELECT day, requests, blocked, unattributed, total_tokens, cost_usd"
+            " FROM tollgate.daily_totals WHERE day >= %s AND day < %s AND {}"
+        ).format(key_sql)
+        params: list[Any] = [period.since, period.until, *key_params]
+    else:
+        source = sql.SQL(
+            "SELECT day, requests, blocked, 0::bigint AS unattributed, total_tokens, cost_usd"
+            " FROM tollgate.daily_usage"
+            " WHERE end_user_id = %s AND day >= %s AND day < %s AND {}"
+        ).format(key_sql)
+        params = [user, period.since, period.until, *key_params]
+    query = sql.SQL(
+        "SELECT d::date AS day, coalesce(sum(s.requests), 0)::bigint AS requests,"
+        " coalesce(sum(s.blocked), 0)::bigint AS blocked,"
+        " coalesce(sum(s.unattributed), 0)::bigint AS unattributed,"
+        " coalesce(sum(s.total_tokens), 0)::bigint AS total_tokens,"
+        " coalesce(sum(s.cost_usd), 0)::numeric AS cost_usd"
+        " FROM generate_series(%s::date, %s::date - 1, interval '1 day') AS d"
+        " LEFT JOIN ({}) AS s ON s.day = d::date"
+        " GROUP BY 1 ORDER BY 1"
+    ).format(source)
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(query, [period.since, period.until, *params])
+        return await cur.fetchall()
+
+
+DAILY_GROUPS = ("end_user_id", "key_id", "provider", "model")
+
+
+async def fetch_daily(
+    conn: psycopg.AsyncConnection[Any],
+    period: Period,
+    scope: Scope,
+    *,
+    group: tuple[str, ...] = (),
+    user: str | None = None,
+    key: str | None = None,
+    provider: str | None = None,
+    model: str | None = None,
+    limit: int = 10_000,
+) -> list[dict[str, Any]]:
+    """``daily_usage`` summed per day (and per ``group`` columns), filtered."""
+    scope.check_key(key)
+    key_sql, key_params = scope.key_clause()
+    clauses: list[sql.Composable] = [sql.SQL("day >= %s AND day < %s"), key_sql]
+    params: list[Any] = [period.since, period.until, *key_params]
+    for column, value in (
+        ("end_user_id", user),
+        ("key_id", key),
+        ("provider", provider),
+        ("model", model),
+    ):
+        if value is not None:
+            clauses.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
+            params.append(value)
+    keys = [sql.Identifier("day"), *(sql.Identifier(g) for g in group)]
+    shown = [
+        sql.Identifier("day"),
+        *(sql.SQL("nullif({0}, '') AS {0}").format(sql.Identifier(g)) for g in group),
+    ]
+    query = sql.SQL(
+        "SELECT {}, {} FROM tollgate.daily_usage WHERE {} GROUP BY {} ORDER BY {} LIMIT %s"
+    ).format(
+        sql.SQL(", ").join(shown),
+        _sums(),
+        sql.SQL(" AND ").join(clauses),
+        sql.SQL(", ").join(keys),
+        sql.SQL(", ").join(keys),
+    )
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(query, [*params, limit])
+        return await cur.fetchall()
+
+
+# -- limits -------------------------------------------------------------------------------
+
+MAX_LIMIT_SUBJECTS = 50
+
+
+def visible_limit(limit: Limit, scope: Scope) -> bool:
+    """A viewer sees the limits on its own key only: one whose spend is that key's."""
+    if scope.key_id is None:
+        return True
+    return limit.scope == "key" and limit.subject in (None, scope.key_id)
+
+
+@dataclass(frozen=True)
+class LimitView:
+    limit: Limit
+    period_start: datetime | None
+    reset_at: datetime | None
+    spent: list[PeriodSpend]
+    subjects: int  # subjects charged this period (more than ``spent`` when capped)
+
+
+async def fetch_limits(conn: psycopg.AsyncConnection[Any], scope: Scope) -> list[LimitView]:
+    """Every limit the scope may see with its current period and the largest spenders."""
+    out: list[LimitView] = []
+    for limit in await list_limits(conn):
+        if not visible_limit(limit, scope):
+            continue
+        subject = scope.key_id if scope.key_id is not None and limit.subject is None else None
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                "SELECT tollgate.limit_period_start(%(period)s, %(tz)s, now()) AS start,"
+                " CASE WHEN %(period)s = 'total' THEN NULL ELSE"
+                " (date_trunc(%(period)s, now() AT TIME ZONE %(tz)s)"
+                "  + ('1 ' || %(period)s)::interval) AT TIME ZONE %(tz)s END AS reset",
+                {"period": limit.period, "tz": limit.time_zone},
+            )
+            bounds = await cur.fetchone()
+            assert bounds is not None
+            await cur.execute(
+                "SELECT count(*) AS n FROM tollgate.limit_spend"
+                " WHERE limit_id = %(id)s AND period_start = %(start)s"
+                " AND (%(subject)s::text IS NULL OR subject = %(subject)s)",
+                {"id": limit.limit_id, "start": bounds["start"], "subject": subject},
+            )
+            counted = await cur.fetchone()
+        async with conn.cursor(row_factory=class_row(PeriodSpend)) as spend_cur:
+            await spend_cur.execute(
+                "SELECT subject, usd, tokens, requests, unpriced FROM tollgate.limit_spend"
+                " WHERE limit_id = %(id)s AND period_start = %(start)s"
+                " AND (%(subject)s::text IS NULL OR subject = %(subject)s)"
+                " ORDER BY usd DESC, tokens DESC, requests DESC, subject LIMIT %(n)s",
+                {
+                    "id": limit.limit_id,
+                    "start": bounds["start"],
+                    "subject": subject,
+                    "n": MAX_LIMIT_SUBJECTS,
+                },
+            )
+            spent = await spend_cur.fetchall()
+        start = None if limit.period == "total" else bounds["start"]
+        out.append(
+            LimitView(limit, start, bounds["reset"], spent, int(counted["n"]) if counted else 0)
+        )
+    return out
