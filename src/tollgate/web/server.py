@@ -42,7 +42,7 @@ from tollgate.web.auth import Principal, SessionSigner, TokenCheck, admin_token,
 from tollgate.web.charts import bar_chart
 from tollgate.web.openapi import openapi_document
 
-__all__ = ["DashboardApp", "build_app", "running_dashboard", "serve_dashboard"]
+__all__ = ["DashboardApp", "RunningDashboard", "build_app", "running_dashboard", "serve_dashboard"]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,9 @@ _VIEWER_REFRESH_S = 5.0
 _LOGIN_CSRF = re.compile(r"[A-Za-z0-9_-]{32}")
 _PAGE_TIMEOUT_MS = 30_000
 
-PRINCIPAL = "tollgate.principal"  # the request's Principal, set by the middleware
+# The request's Principal, set by the middleware (a typed key where aiohttp has them).
+_REQUEST_KEY: Any = getattr(web, "RequestKey", None)
+PRINCIPAL: Any = _REQUEST_KEY("principal", Principal) if _REQUEST_KEY else "tollgate.principal"
 
 
 # -- presentation ---------------------------------------------------------------------------
@@ -619,12 +621,18 @@ def build_app(dashboard: DashboardApp) -> web.Application:
     return app
 
 
+@dataclasses.dataclass(frozen=True)
+class RunningDashboard:
+    url: str
+    token_file: Path | None  # where the admin token is (None: from dashboard_admin_token)
+    app: DashboardApp
+
+
 @contextlib.asynccontextmanager
 async def running_dashboard(
     settings: Settings, database_url: str
-) -> AsyncIterator[tuple[str, Path | None]]:
-    """The dashboard served on ``dashboard_address`` until the block ends; yields its URL
-    and the file its admin token is in."""
+) -> AsyncIterator[RunningDashboard]:
+    """The dashboard served on ``dashboard_address`` until the block ends."""
     token, token_file = admin_token(settings)
     pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
         database_url,
@@ -640,38 +648,42 @@ async def running_dashboard(
         },
     )
     await pool.open(wait=True, timeout=30)
-    viewers = ViewerDirectory()
-    async with pool.connection() as conn:
-        await viewers.refresh(conn)
-    hint = f"the admin token is in {token_file}" if token_file else ""
-    dashboard = DashboardApp(
-        pool,
-        token,
-        session_hours=settings.dashboard_session_hours,
-        viewers=viewers,
-        token_hint=hint,
-    )
-    refresher = asyncio.create_task(viewers.run(pool.connection, _VIEWER_REFRESH_S))
-    runner = web.AppRunner(build_app(dashboard), access_log=None, handle_signals=False)
-    await runner.setup()
-    host, _, port = settings.dashboard_address.rpartition(":")
-    site = web.TCPSite(runner, host.strip("[]"), int(port), shutdown_timeout=5)
     try:
-        await site.start()
-        bound = runner.addresses[0][1] if runner.addresses else int(port)
-        shown = f"[{host.strip('[]')}]" if ":" in host.strip("[]") else host
-        yield f"http://{shown}:{bound}/", token_file
+        viewers = ViewerDirectory()
+        async with pool.connection() as conn:
+            await viewers.refresh(conn)
+        hint = f"the admin token is in {token_file}" if token_file else ""
+        dashboard = DashboardApp(
+            pool,
+            token,
+            session_hours=settings.dashboard_session_hours,
+            viewers=viewers,
+            token_hint=hint,
+        )
+        refresher = asyncio.create_task(viewers.run(pool.connection, _VIEWER_REFRESH_S))
+        runner = web.AppRunner(
+            build_app(dashboard), access_log=None, handle_signals=False, shutdown_timeout=5
+        )
+        await runner.setup()
+        try:
+            host, _, port = settings.dashboard_address.rpartition(":")
+            site = web.TCPSite(runner, host.strip("[]"), int(port))
+            await site.start()
+            bound = runner.addresses[0][1] if runner.addresses else int(port)
+            shown = f"[{host.strip('[]')}]" if ":" in host.strip("[]") else host
+            yield RunningDashboard(f"http://{shown}:{bound}/", token_file, dashboard)
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            await runner.cleanup()
     finally:
-        refresher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await refresher
-        await runner.cleanup()
         await pool.close()
 
 
 async def serve_dashboard(settings: Settings, database_url: str, stop: asyncio.Event) -> None:
     """``tollgate dashboard``: serve until ``stop`` is set; the URL goes to stdout."""
-    async with running_dashboard(settings, database_url) as (url, token_file):
-        where = f" (admin token in {token_file})" if token_file else ""
-        print(f"dashboard: {url}{where}", flush=True)
+    async with running_dashboard(settings, database_url) as running:
+        where = f" (admin token in {running.token_file})" if running.token_file else ""
+        print(f"dashboard: {running.url}{where}", flush=True)
         await stop.wait()
