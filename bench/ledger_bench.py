@@ -896,14 +896,20 @@ def _relation_mb(conn: psycopg.Connection[Any]) -> dict[str, float]:
     return {name: round(float(mb), 1) for name, mb in cur.fetchall()}
 
 
-def run_summary_part(cluster: Cluster, rows: int, report: dict[str, Any]) -> None:
+def fill_summary_ledger(
+    cluster: Cluster, rows: int, name: str = "bench_ledger"
+) -> tuple[str, dict[str, Any]]:
+    """A fresh database ``name`` whose ``requests`` holds ``rows`` rows over the current month
+    and the ``SUMMARY_MONTHS - 1`` before it (up to now), with ``daily_usage`` built from them
+    and both VACUUM ANALYZEd; returns its URL and what the fill took. max_wal_size stays
+    raised for the bulk load: the caller resets it (``ALTER SYSTEM RESET max_wal_size``)."""
     now = datetime.now(UTC)
     month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     start = month_start
     for _ in range(SUMMARY_MONTHS - 1):
         start = (start - timedelta(days=1)).replace(day=1)
     span_s = (now - start).total_seconds()
-    url = cluster.fresh_database("bench_ledger")
+    url = cluster.fresh_database(name)
     fill: dict[str, Any] = {"rows": rows, "from": start.isoformat(), "to": now.isoformat()}
     with psycopg.connect(cluster.admin_url(), autocommit=True) as admin:
         # Bulk loading only: fewer forced checkpoints while 10M rows go in.
@@ -953,7 +959,11 @@ def run_summary_part(cluster: Cluster, rows: int, report: dict[str, Any]) -> Non
         fill["size_mb"] = _relation_mb(conn)
         if fill["rows_in_requests"] != rows:
             raise BenchError(f"filled {fill['rows_in_requests']:,} rows, expected {rows:,}")
-    report["summary_fill"] = fill
+    return url, fill
+
+
+def run_summary_part(cluster: Cluster, rows: int, report: dict[str, Any]) -> None:
+    url, report["summary_fill"] = fill_summary_ledger(cluster, rows)
 
     rng = random.Random(SEED)
     users = [f"user_{n:05d}" for n in rng.sample(range(SUMMARY_USERS), QUERY_RUNS)]
@@ -1112,8 +1122,8 @@ def _stop_on_sigterm() -> None:
 
 
 @contextlib.contextmanager
-def running_cluster(keep: bool) -> Iterator[Cluster]:
-    work_dir = Path(tempfile.mkdtemp(prefix="tollgate-ledger-bench-"))
+def running_cluster(keep: bool, prefix: str = "tollgate-ledger-bench-") -> Iterator[Cluster]:
+    work_dir = Path(tempfile.mkdtemp(prefix=prefix))
     work_dir.chmod(0o755)  # Postgres runs as an unprivileged user when we are root
     cluster = Cluster(work_dir)
     try:

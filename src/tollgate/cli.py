@@ -523,7 +523,10 @@ async def _prune(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{verb} tollgate.{name}")
     if not names:
         print(f"no ledger partition ends on or before {args.before.isoformat()}")
-    print("tollgate.daily_usage is kept (totals for pruned months stay)")
+    print(
+        "the rollups (daily_usage, monthly_usage, daily_totals) are kept:"
+        " totals for pruned months stay"
+    )
     return 0
 
 

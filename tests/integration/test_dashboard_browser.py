@@ -237,6 +237,10 @@ def _new_context(browser: Browser, stack: Stack) -> BrowserContext:
     return context
 
 
+def _has_session(context: BrowserContext) -> bool:
+    return any(c["name"] == "tollgate_session" for c in context.cookies())
+
+
 def _sign_in(page: Page, token: str) -> None:
     page.locator("input[name=token]").fill(token)
     page.get_by_role("button", name="Sign in").click()
@@ -250,7 +254,7 @@ def signed_in(browser: Browser, stack: Stack) -> Iterator[BrowserContext]:
     page.goto("/login")
     _sign_in(page, stack.token)
     page.wait_for_url(lambda url: urlsplit(url).path == "/")
-    assert any(c["name"] == "tollgate_session" for c in context.cookies())
+    assert _has_session(context)
     page.close()
     try:
         yield context
@@ -324,7 +328,7 @@ def test_clicking_a_badge_filters_to_that_user_and_back_returns(page: Page, stac
     assert [r["user"] for r in shown] == ["alice"] * len(alice)
     assert [r["id"] for r in shown] == alice
     expect(page.locator("#filter-user")).to_have_value("alice")
-    expect(page.locator("p.active-filters .chip")).to_have_text(["user = alice ×"])
+    expect(page.locator("p.active-filters .chip")).to_have_text(["user = alice \u00d7"])
     _screenshot(page, "usage-alice")
 
     page.go_back()
@@ -348,7 +352,7 @@ def test_typing_an_id_into_the_filter_keeps_only_that_field_in_the_url(
     assert [r["id"] for r in shown] == bob
     assert {r["user"] for r in shown} == {"bob"}
 
-    # A tag link on a row adds to the filter in use; its chip's × takes it away again.
+    # A tag link on a row adds to the filter in use; the remove link on its chip drops it.
     page.locator("table#log a.tag", has_text="prod").first.click()
     page.wait_for_url(_at("/usage", {"user": ["bob"], "tag": ["prod"]}))
     both = stack.ids("end_user_id = %s AND 'prod' = ANY(tags)", ("bob",))
@@ -358,6 +362,21 @@ def test_typing_an_id_into_the_filter_keeps_only_that_field_in_the_url(
     page.get_by_label("remove tag").click()
     page.wait_for_url(_at("/usage", {"user": ["bob"]}))
     expect(page.locator("table#log tbody tr[data-request-id]")).to_have_count(len(bob))
+
+    # Back, step by step, to the unfiltered log; there the form (whose empty fields the script
+    # disabled while submitting) filters again, by another id.
+    for query in ({"user": ["bob"], "tag": ["prod"]}, {"user": ["bob"]}, {}):
+        page.go_back()
+        page.wait_for_url(_at("/usage", query))
+    expect(page.locator("table#log tbody tr[data-request-id]")).to_have_count(len(stack.ids()))
+    expect(page.locator("form#filters input:disabled, form#filters select:disabled")).to_have_count(
+        0
+    )
+    page.locator("#filter-user").fill("carol")
+    page.locator("#filter-user").press("Enter")
+    page.wait_for_url(_at("/usage", {"user": ["carol"]}))
+    carol = stack.ids("end_user_id = %s", ("carol",))
+    assert [r["id"] for r in _log_rows(page)] == carol
 
 
 def _download_csv(page: Page) -> tuple[list[str], list[dict[str, str]], str]:
@@ -433,6 +452,16 @@ def test_users_page_sorts_by_cost_both_ways(page: Page, stack: Stack) -> None:
     assert [Decimal(r["cost"]) for r in descending] == sorted(costs, reverse=True)
     assert [r["user"] for r in descending] == [r["user"] for r in default]
 
+    # The row of the requests without a user id leads to exactly those in the log.
+    page.locator("table#users a.nouser").click()
+    page.wait_for_url(lambda url: _query(url).get("unattributed") == ["true"])
+    assert urlsplit(page.url).path == "/usage"
+    nobody = stack.ids("end_user_id IS NULL")
+    expect(page.locator("table#log tbody tr[data-request-id]")).to_have_count(len(nobody))
+    shown = _log_rows(page)
+    assert [r["id"] for r in shown] == nobody
+    assert {r["nouser"] for r in shown} == {"\u2014"}
+
 
 def test_a_blocked_row_is_flagged_with_its_reason(page: Page, stack: Stack) -> None:
     blocked = stack.ids("outcome = 'blocked'")
@@ -455,27 +484,61 @@ def test_a_blocked_row_is_flagged_with_its_reason(page: Page, stack: Stack) -> N
         if is_blocked:
             assert row["user"] == BAD_ID, row
 
+    # The refused id is a user like any other: its badge (an id with a space) filters.
+    flagged.first.locator("td.user a.badge").click()
+    page.wait_for_url(_at("/usage", {"user": [BAD_ID]}))
+    expect(page.locator("table#log tbody tr[data-request-id]")).to_have_count(BLOCKED_CALLS)
+    assert [r["id"] for r in _log_rows(page)] == blocked
 
-def test_unauthenticated_visit_redirects_to_login_and_back(browser: Browser, stack: Stack) -> None:
+
+@pytest.mark.parametrize("target", ["/users", "/usage?user=alice"], ids=["users", "usage-query"])
+def test_unauthenticated_visit_redirects_to_login_and_back(
+    browser: Browser, stack: Stack, target: str
+) -> None:
+    context = _new_context(browser, stack)
+    try:
+        page = context.new_page()
+        page.goto(target)
+        page.wait_for_url(_at("/login", {"next": [target]}))
+        expect(page.locator("input[name=next]")).to_have_value(target)
+        expect(page.locator("table")).to_have_count(0)
+        assert not _has_session(context)
+        if target == "/users":
+            login_shot = _screenshot(page, "login")
+            assert login_shot.stat().st_size > 0
+
+        _sign_in(page, stack.token)
+        wanted = urlsplit(target)
+        page.wait_for_url(_at(wanted.path, parse_qs(wanted.query)))
+        assert _has_session(context)
+        heading = "Users" if wanted.path == "/users" else "Usage"
+        expect(page.get_by_role("heading", level=1)).to_have_text(heading)
+    finally:
+        context.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="dashboard bug: the login form re-shown after a wrong token has lost `next` "
+    "(_login_form reads it from the query string of the POST, which has none)",
+)
+def test_a_wrong_token_first_still_lands_on_the_page_asked_for(
+    browser: Browser, stack: Stack
+) -> None:
     context = _new_context(browser, stack)
     try:
         page = context.new_page()
         page.goto("/users")
         page.wait_for_url(_at("/login", {"next": ["/users"]}))
-        expect(page.locator("input[name=next]")).to_have_value("/users")
-        assert not any(c["name"] == "tollgate_session" for c in context.cookies())
-        login_shot = _screenshot(page, "login")
-        assert login_shot.stat().st_size > 0
-
         _sign_in(page, "not-the-token")
         expect(page.get_by_role("alert")).to_have_text("That token is not valid.")
-        assert not any(c["name"] == "tollgate_session" for c in context.cookies())
+        assert not _has_session(context)
+        expect(page.locator("input[name=next]")).to_have_value("/users", timeout=1_000)
 
         _sign_in(page, stack.token)
-        page.wait_for_url(_at("/users"))
-        expect(page.get_by_role("heading", level=1)).to_have_text("Users")
-        expect(page.locator("table#users")).to_be_visible()
-        assert any(c["name"] == "tollgate_session" for c in context.cookies())
+        page.wait_for_url(lambda url: urlsplit(url).path != "/login")
+        assert _has_session(context)
+        assert urlsplit(page.url).path == "/users", page.url
     finally:
         context.close()
 
