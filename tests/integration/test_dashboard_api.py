@@ -524,3 +524,17 @@ async def test_pages_carry_security_headers_and_escape_ids(dash: Dash, ledger: L
         status, _, _ = await dash.get(f"/static/{name}", token=None)
         assert status == 404, name
     await asyncio.sleep(0)
+
+
+async def test_a_lost_database_is_a_clear_503(dash: Dash, ledger: Ledger) -> None:
+    name = psycopg.conninfo.conninfo_to_dict(ledger.url)["dbname"]
+    admin = psycopg.conninfo.make_conninfo(ledger.url, dbname="postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    for path in ("/api/v1/requests.csv",):  # each waits out the pool (5 s) once
+        status, _, body = await dash.get(path)
+        assert status == 503, (path, body)
+        assert '"code": "ledger_unavailable"' in body
+    status, _, html = await dash.get("/usage")
+    assert status == 503
+    assert "unavailable" in html

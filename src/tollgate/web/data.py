@@ -18,7 +18,7 @@ import base64
 import binascii
 import calendar
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -307,7 +307,7 @@ def _csv_expr(column: str) -> sql.Composable:
 
 async def copy_csv(
     conn: psycopg.AsyncConnection[Any], where: LogFilter, scope: Scope
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Every row of ``where`` as CSV with a header of the ledger's column names, newest
     first, in the chunks Postgres sends (constant memory, whatever the number of rows)."""
     cond, params = where.where(scope)

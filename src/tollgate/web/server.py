@@ -32,7 +32,7 @@ from urllib.parse import urlencode, urlsplit
 import jinja2
 import psycopg
 from aiohttp import web
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from tollgate.config import Settings
 from tollgate.ledger.viewers import ViewerDirectory
@@ -64,6 +64,7 @@ _STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/sv
 _VIEWER_REFRESH_S = 5.0
 _LOGIN_CSRF = re.compile(r"[A-Za-z0-9_-]{32}")
 _PAGE_TIMEOUT_MS = 30_000
+_CONNECTION_WAIT_S = 5.0
 
 # The request's Principal, set by the middleware (a typed key where aiohttp has them).
 _REQUEST_KEY: Any = getattr(web, "RequestKey", None)
@@ -217,6 +218,13 @@ class DashboardApp:
             if _is_api(request):
                 return _error(403, "forbidden_key", str(exc), "key")
             return self._page(request, "error.html", 403, message=str(exc))
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            # Postgres away or too slow: say so (the request path keeps recording meanwhile).
+            log.warning("dashboard: ledger unavailable: %s", type(exc).__name__)
+            message = "the ledger database is unavailable; try again shortly"
+            if _is_api(request):
+                return _error(503, "ledger_unavailable", message)
+            return self._page(request, "error.html", 503, message=message)
 
     def _page(
         self, request: web.Request, template: str, status: int = 200, **context: Any
@@ -448,11 +456,16 @@ class DashboardApp:
                 **_SECURITY_HEADERS,
             }
         )
-        await response.prepare(request)
         async with self.pool.connection() as conn:
             await conn.execute("SET LOCAL statement_timeout = 0")  # the export takes its time
-            async for chunk in data.copy_csv(conn, where, scope):
-                await response.write(chunk)
+            async with contextlib.aclosing(data.copy_csv(conn, where, scope)) as chunks:
+                # The first chunk (the header) before the status line: a query that fails
+                # at once is still an error response, not a cut-off file.
+                first = await anext(chunks, b"")
+                await response.prepare(request)
+                await response.write(first)
+                async for chunk in chunks:
+                    await response.write(chunk)
         await response.write_eof()
         return response
 
@@ -639,6 +652,7 @@ async def running_dashboard(
         min_size=1,
         max_size=4,
         open=False,
+        timeout=_CONNECTION_WAIT_S,  # Postgres away: a 503 after this, not a hung page
         # Read-only sessions: whatever goes wrong in here, the dashboard cannot change the
         # ledger. Page queries stop after 30 s; the CSV export lifts that for itself.
         kwargs={
