@@ -130,7 +130,7 @@ def test_envoy_fails_closed_when_tollgate_is_down(
 
 def test_demo_from_nothing(tmp_path: Path) -> None:
     state = tmp_path / "demo-state"
-    env = tollgate_env(state)
+    env = tollgate_env(state, dashboard_address=f"127.0.0.1:{free_port()}")
     result = subprocess.run(  # the 3-minute budget of the quick start is the timeout
         [sys.executable, "-m", "tollgate", "demo"],
         env=env,
@@ -153,6 +153,15 @@ def test_demo_from_nothing(tmp_path: Path) -> None:
     assert set(table) >= {"alice", "bob", "carol"}, result.stdout
     assert all(inp > 0 and out > 0 for _req, inp, out in table.values())
     assert [table[u][0] for u in ("alice", "bob", "carol")] == [3, 2, 1]
+    assert re.search(r"^\(none\)\s+1\s", result.stdout, re.M), result.stdout
+    # The demo ran the dashboard and said where; not waiting (no terminal), it stopped it.
+    shown = re.search(
+        r"^Dashboard: (http://127\.0\.0\.1:\d+/) \(the admin token is in (.+)\)$",
+        result.stdout,
+        re.M,
+    )
+    assert shown, result.stdout
+    assert Path(shown.group(2)).read_text().strip()
     time.sleep(0.5)
     assert processes_using(state) == []
     # The ledger outlives the demo: `tollgate usage` reads it back from the embedded server.
