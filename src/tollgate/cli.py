@@ -174,7 +174,9 @@ def _parser() -> argparse.ArgumentParser:
 
     limits = sub.add_parser("limits", help="limits: create, list, show, update, delete")
     limits_sub = limits.add_subparsers(dest="limits_command", required=True, metavar="ACTION")
-    l_create = limits_sub.add_parser("create", help="create a limit (charged from now on)")
+    l_create = limits_sub.add_parser(
+        "create", help="create a limit (its current period starts with the spend already recorded)"
+    )
     l_create.add_argument("limit_id", metavar="LIMIT_ID")
     l_create.add_argument("--scope", required=True, choices=SCOPES)
     l_create.add_argument("--measure", required=True, choices=MEASURES)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import html
 import io
 import json
 import re
@@ -18,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
 
 import aiohttp
 import psycopg
@@ -204,7 +206,8 @@ def _routes(dashboard: Any) -> list[tuple[str, str]]:
         info = route.resource.get_info() if route.resource else {}
         path = info.get("path") or info.get("formatter") or info.get("prefix")
         assert path, info
-        out.append((route.method, path.replace("{user_id}", "alice").replace("{name}", "x.css")))
+        path = path.replace("{user_id}", "alice").replace("{name}", "x.css")
+        out.append((route.method, path + ("?id=alice" if path == "/user" else "")))
     return out
 
 
@@ -225,6 +228,7 @@ async def test_every_route_needs_a_credential(dash: Dash) -> None:
                 method, dash.url + path.lstrip("/"), headers=headers, allow_redirects=False
             ) as resp:
                 body = await resp.text()
+                path = path.partition("?")[0]
                 if path.startswith("/api/") or "Authorization" in headers:
                     assert resp.status == 401, (method, path, headers, resp.status)
                     assert '"code": "unauthorized"' in body
@@ -365,7 +369,7 @@ async def test_a_viewer_sees_only_its_key(dash: Dash, ledger: Ledger) -> None:
         "/usage?user=alice",
         "/users",
         f"/users?{period}",
-        f"/users/alice?{period}",
+        f"/user?id=alice&{period}",
         "/limits",
         "/api/v1/requests?limit=500",
         f"/api/v1/requests?user={B_ONLY_USER}",
@@ -538,3 +542,36 @@ async def test_a_lost_database_is_a_clear_503(dash: Dash, ledger: Ledger) -> Non
     status, _, html = await dash.get("/usage")
     assert status == 503
     assert "unavailable" in html
+
+
+async def test_any_user_id_has_a_page_even_dots_and_slashes(dash: Dash, ledger: Ledger) -> None:
+    odd = ["..", ".", "a/b", "x/../alice", "50% off", "ü ser"]
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+        ledger.url, open=False
+    )
+    await pool.open()
+    try:
+        writer = LedgerWriter(pool, queue_size=10, batch_size=10, flush_interval_s=0.01)
+        now = datetime.now(UTC)
+        await writer.write_batch([_record(now, user, ledger.key_a) for user in odd])
+    finally:
+        await pool.close()
+    status, _, users_html = await dash.get("/users")
+    assert status == 200
+    linked = {
+        parse_qs(urlsplit(html.unescape(href)).query)["id"][0]
+        for href in re.findall(r'class="user-link" href="([^"]+)"', users_html)
+    }
+    assert set(odd) <= linked
+    for user in odd:
+        got = await dash.json(f"/api/v1/user?end_user_id={quote(user, safe='')}")
+        assert got["end_user_id"] == user
+        assert got["totals"]["requests"] == 1, user
+        status, _, page = await dash.get(f"/user?id={quote(user, safe='')}")
+        assert status == 200, user
+        card = re.search(r'class="label">Requests</span><span class="value">([^<]+)<', page)
+        assert card is not None
+        assert card.group(1) == "1", user
+    status, _, body = await dash.get("/user")
+    assert status == 400
+    assert "id must name an end user" in body

@@ -99,6 +99,22 @@ def _totals() -> dict[str, Any]:
     return {"type": "object", "properties": props}
 
 
+def _user_detail() -> dict[str, Any]:
+    grouped = {"type": "object", "additionalProperties": True}
+    return {
+        "type": "object",
+        "properties": {
+            "end_user_id": {"type": "string"},
+            "since": {"type": "string", "format": "date"},
+            "until": {"type": "string", "format": "date"},
+            "totals": _totals(),
+            "daily": {"type": "array", "items": grouped},
+            "models": {"type": "array", "items": grouped},
+            "keys": {"type": "array", "items": grouped},
+        },
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     request_row = {
         "type": "object",
@@ -181,19 +197,22 @@ def openapi_document() -> dict[str, Any]:
                         },
                         *_PERIOD,
                     ],
-                    "responses": _ok(
+                    "responses": _ok(_user_detail()),
+                }
+            },
+            "/user": {
+                "get": {
+                    "summary": "The same as /users/{end_user_id}, for any id (also . and ..)",
+                    "parameters": [
                         {
-                            "type": "object",
-                            "properties": {
-                                "end_user_id": {"type": "string"},
-                                **period_fields,
-                                "totals": _totals(),
-                                "daily": {"type": "array", "items": grouped},
-                                "models": {"type": "array", "items": grouped},
-                                "keys": {"type": "array", "items": grouped},
-                            },
-                        }
-                    ),
+                            "name": "end_user_id",
+                            "in": "query",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                        *_PERIOD,
+                    ],
+                    "responses": _ok(_user_detail()),
                 }
             },
             "/usage/daily": {

@@ -262,7 +262,9 @@ class DashboardApp:
     async def favicon(self, request: web.Request) -> web.Response:
         raise web.HTTPMovedPermanently("/static/favicon.svg")
 
-    def _login_form(self, request: web.Request, status: int = 200, error: str = "") -> web.Response:
+    def _login_form(
+        self, request: web.Request, status: int = 200, error: str = "", next_path: str = ""
+    ) -> web.Response:
         # Kept while it lasts: a second tab (or a browser's own request for a favicon) that
         # shows the form again must not invalidate the first one.
         csrf = request.cookies.get(LOGIN_CSRF_COOKIE, "")
@@ -274,7 +276,7 @@ class DashboardApp:
             status,
             csrf=csrf,
             error=error,
-            next=_safe_next(request.query.get("next", "")),
+            next=_safe_next(next_path or request.query.get("next", "")),
             hint=self.token_hint,
         )
         response.set_cookie(
@@ -294,14 +296,17 @@ class DashboardApp:
     async def login(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
         csrf = str(form.get("csrf", ""))
+        next_path = str(form.get("next", ""))  # kept when the form is shown again
         if not _same_origin(request) or not same_token(
             csrf, request.cookies.get(LOGIN_CSRF_COOKIE, "")
         ):
-            return self._login_form(request, 403, "The form expired; please sign in again.")
+            return self._login_form(
+                request, 403, "The form expired; please sign in again.", next_path
+            )
         who = self.tokens.principal(str(form.get("token", "")))
         if who is None:
             await asyncio.sleep(0.25)  # a guess costs time; tokens are long and random anyway
-            return self._login_form(request, 401, "That token is not valid.")
+            return self._login_form(request, 401, "That token is not valid.", next_path)
         cookie, _ = self.sessions.issue(who)
         response = _see_other(_safe_next(str(form.get("next", ""))) or "/")
         response.set_cookie(
@@ -394,7 +399,7 @@ class DashboardApp:
         )
 
     async def user_page(self, request: web.Request) -> web.Response:
-        user = request.match_info["user_id"]
+        user = _user_param(request, "id")
         period = data.Period.parse(request.query)
         scope = self._scope(request)
         async with self.pool.connection() as conn:
@@ -492,7 +497,7 @@ class DashboardApp:
         )
 
     async def api_user(self, request: web.Request) -> web.Response:
-        user = request.match_info["user_id"]
+        user = request.match_info.get("user_id") or _user_param(request, "end_user_id")
         period = data.Period.parse(request.query)
         async with self.pool.connection() as conn:
             detail = await self._user_detail(conn, user, period, self._scope(request))
@@ -558,6 +563,15 @@ def _json(body: Mapping[str, Any]) -> web.Response:
     )
 
 
+def _user_param(request: web.Request, name: str) -> str:
+    user = request.query.get(name, "")
+    if not user or len(user) > data.MAX_TEXT or "\x00" in user:
+        raise data.ParamError(
+            name, f"{name} must name an end user (1 to {data.MAX_TEXT} characters)"
+        )
+    return user
+
+
 def _sort(query: Mapping[str, str]) -> tuple[str, bool]:
     sort = (query.get("sort") or "cost_usd").strip()
     order = (query.get("order") or ("asc" if sort == "end_user_id" else "desc")).strip()
@@ -621,12 +635,15 @@ def build_app(dashboard: DashboardApp) -> web.Application:
     add("GET", "/", dashboard.overview)
     add("GET", "/usage", dashboard.usage_page)
     add("GET", "/users", dashboard.users_page)
-    add("GET", "/users/{user_id:.+}", dashboard.user_page)
+    # The id travels in the query: an id such as ".." or "a/b" is no path segment (browsers
+    # and HTTP clients resolve dot segments, even percent-encoded ones).
+    add("GET", "/user", dashboard.user_page)
     add("GET", "/limits", dashboard.limits_page)
     add("GET", "/api/v1/requests", dashboard.api_requests)
     add("GET", "/api/v1/requests.csv", dashboard.api_requests_csv)
     add("GET", "/api/v1/users", dashboard.api_users)
     add("GET", "/api/v1/users/{user_id:.+}", dashboard.api_user)
+    add("GET", "/api/v1/user", dashboard.api_user)  # ?end_user_id=: any id, "." and ".." too
     add("GET", "/api/v1/usage/daily", dashboard.api_daily)
     add("GET", "/api/v1/limits", dashboard.api_limits)
     add("GET", "/api/v1/me", dashboard.api_me)
