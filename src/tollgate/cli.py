@@ -370,14 +370,31 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _dashboard(settings: Settings) -> int:
+    import psycopg
+
     from tollgate.app import ledger_database, run_migrations, stop_signal
+    from tollgate.ledger.migrate import pending_migrations
     from tollgate.web.server import serve_dashboard
 
     if not settings.dashboard_address:
         print("tollgate: dashboard_address is empty: nowhere to listen", file=sys.stderr)
         return 2
     async with ledger_database(settings) as url:
-        await run_migrations(url)
+        # Only when something is pending: the dashboard may run as a read-only database role,
+        # with `tollgate migrate` (or the migrate Job) done by a role that may.
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            pending = await pending_migrations(conn)
+        if pending:
+            try:
+                await run_migrations(url)
+            except psycopg.errors.InsufficientPrivilege:
+                names = ", ".join(f"{m.version:03d}_{m.name}" for m in pending)
+                print(
+                    f"tollgate: the ledger lacks migrations ({names}) and this database role "
+                    "may not apply them: run `tollgate migrate` with one that may",
+                    file=sys.stderr,
+                )
+                return 2
         print(f"ledger:   {mask_dsn(url)}", flush=True)
         with stop_signal() as stop:
             await serve_dashboard(settings, url, stop)

@@ -173,3 +173,45 @@ def test_the_dashboard_command_needs_an_address_to_listen_on(
     )
     assert done.returncode == 2
     assert "dashboard_address is empty" in done.stderr
+
+
+def test_the_dashboard_runs_as_a_read_only_role(database_url: str, tmp_path: Path) -> None:
+    asyncio.run(run_migrations(database_url))
+    role = f"dash_ro_{os.getpid()}"
+    info = psycopg.conninfo.conninfo_to_dict(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'read-only-pw'")
+        conn.execute(f'GRANT CONNECT ON DATABASE "{info["dbname"]}" TO {role}')
+        conn.execute(f"GRANT USAGE ON SCHEMA tollgate TO {role}")
+        conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA tollgate TO {role}")
+    read_only = psycopg.conninfo.make_conninfo(database_url, user=role, password="read-only-pw")
+    try:
+        with dashboard(read_only, tmp_path) as (port, _), _get(port, "/api/v1/requests") as resp:
+            assert resp.status == 200
+            assert resp.read().startswith(b'{"data":[]')
+        # A migration pending, and a role that may not apply it: a clear refusal, not a crash.
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("DELETE FROM tollgate.schema_migrations WHERE version = 9")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+        env.update(
+            TOLLGATE_DATABASE_URL=read_only,
+            TOLLGATE_STATE_DIR=str(tmp_path / "state"),
+            TOLLGATE_DASHBOARD_ADDRESS=f"127.0.0.1:{free_port()}",
+            TOLLGATE_DASHBOARD_ADMIN_TOKEN=ADMIN,
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "tollgate", "dashboard"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "009_dashboard" in done.stderr
+        assert "tollgate migrate" in done.stderr
+        assert "read-only-pw" not in done.stderr + done.stdout
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")

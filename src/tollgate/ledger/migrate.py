@@ -8,7 +8,7 @@ from importlib import resources
 
 import psycopg
 
-__all__ = ["Migration", "apply_migrations", "available_migrations"]
+__all__ = ["Migration", "apply_migrations", "available_migrations", "pending_migrations"]
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +61,14 @@ async def apply_migrations(conn: psycopg.AsyncConnection[object]) -> list[Migrat
             )
             applied.append(migration)
     return applied
+
+
+async def pending_migrations(conn: psycopg.AsyncConnection[object]) -> list[Migration]:
+    """The migrations not applied yet, found with reads only (for a read-only role)."""
+    cur = await conn.execute("SELECT to_regclass('tollgate.schema_migrations') IS NOT NULL")
+    row = await cur.fetchone()
+    done: set[int] = set()
+    if row is not None and row[0]:  # type: ignore[index]
+        cur = await conn.execute("SELECT version FROM tollgate.schema_migrations")
+        done = {r[0] for r in await cur.fetchall()}  # type: ignore[index]
+    return [m for m in available_migrations() if m.version not in done]
