@@ -543,7 +543,7 @@ async def _prune(args: argparse.Namespace, settings: Settings) -> int:
     if not names:
         print(f"no ledger partition ends on or before {args.before.isoformat()}")
     print(
-        "the rollups (daily_usage, monthly_usage, daily_totals) are kept:"
+        "the rollups (daily_usage, daily_users, monthly_users, daily_totals) are kept:"
         " totals for pruned months stay"
     )
     return 0

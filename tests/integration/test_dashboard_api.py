@@ -575,3 +575,29 @@ async def test_any_user_id_has_a_page_even_dots_and_slashes(dash: Dash, ledger: 
     status, _, body = await dash.get("/user")
     assert status == 400
     assert "id must name an end user" in body
+
+
+@pytest.mark.parametrize(
+    ("since_days", "until_days"),
+    [(-75, -40), (-60, -1), (-35, 1), (-10, 1), (-45, -20), (-3, 1), (-70, 1), (-31, -29)],
+)
+async def test_any_period_equals_the_sums_over_its_rows(
+    dash: Dash, ledger: Ledger, since_days: int, until_days: int
+) -> None:
+    today = datetime.now(UTC).date()
+    since, until = today + timedelta(days=since_days), today + timedelta(days=until_days)
+    got = await dash.json(f"/api/v1/users?since={since}&until={until}&limit=500")
+    with psycopg.connect(ledger.url) as conn:
+        want = conn.execute(
+            "SELECT coalesce(end_user_id, ''), count(*), coalesce(sum(input_tokens), 0),"
+            " coalesce(sum(cost_usd), 0) FROM tollgate.requests"
+            " WHERE created_at >= %s AND created_at < %s GROUP BY 1",
+            (since, until),
+        ).fetchall()
+    have = {
+        (u["end_user_id"] or "", u["requests"], u["input_tokens"], Decimal(u["cost_usd"]))
+        for u in got["data"]
+    }
+    assert have == {(w[0], w[1], w[2], Decimal(w[3])) for w in want}
+    models = await dash.json(f"/api/v1/usage/daily?since={since}&until={until}&group_by=model")
+    assert sum(m["requests"] for m in models["data"]) == sum(w[1] for w in want)

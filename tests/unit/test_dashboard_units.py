@@ -105,25 +105,49 @@ def test_login_only_redirects_to_local_paths(target: str, safe: str) -> None:
     assert _safe_next(target) == safe
 
 
-def test_periods_split_into_whole_months_and_edge_days() -> None:
+def test_periods_read_whole_months_plus_or_minus_the_fewest_days() -> None:
     today = date(2026, 12, 3)
+
+    def pieces(query: dict[str, str]) -> list[tuple[str, date, date, int]]:
+        return [
+            (p.unit, p.since, p.until, p.sign) for p in data.Period.parse(query, today).pieces()
+        ]
+
     default = data.Period.parse({}, today)
     assert (default.since, default.until) == (date(2026, 12, 1), date(2027, 1, 1))
     assert default.is_month
-    assert default.parts() == ((date(2026, 12, 1), date(2027, 1, 1)), [])
+    assert pieces({}) == [("month", date(2026, 12, 1), date(2027, 1, 1), 1)]
     feb = data.Period.parse({"month": "2026-02"}, today)
     assert (feb.since, feb.until, feb.label()) == (
         date(2026, 2, 1),
         date(2026, 3, 1),
         "February 2026",
     )
-    span = data.Period.parse({"since": "2026-01-15", "until": "2026-04-10"}, today)
-    assert span.parts() == (
-        (date(2026, 2, 1), date(2026, 4, 1)),
-        [(date(2026, 1, 15), date(2026, 2, 1)), (date(2026, 4, 1), date(2026, 4, 10))],
-    )
+    # Mid-January to early April: January whole minus its first 14 days, February and March
+    # whole, April's 9 days as days.
+    assert pieces({"since": "2026-01-15", "until": "2026-04-10"}) == [
+        ("month", date(2026, 1, 1), date(2026, 2, 1), 1),
+        ("day", date(2026, 1, 1), date(2026, 1, 15), -1),
+        ("month", date(2026, 2, 1), date(2026, 3, 1), 1),
+        ("month", date(2026, 3, 1), date(2026, 4, 1), 1),
+        ("day", date(2026, 4, 1), date(2026, 4, 10), 1),
+    ]
+    # "Last 7 days" on 3 December: four November days, and December whole (its days after
+    # today hold nothing, so taking them off would cost a read for nothing).
+    assert pieces({"since": "2026-11-27", "until": "2026-12-04"}) == [
+        ("day", date(2026, 11, 27), date(2026, 12, 1), 1),
+        ("month", date(2026, 12, 1), date(2027, 1, 1), 1),
+    ]
+    assert pieces({"since": "2026-03-02", "until": "2026-03-20"}) == [
+        ("month", date(2026, 3, 1), date(2026, 4, 1), 1),  # 18 days in, 13 out
+        ("day", date(2026, 3, 1), date(2026, 3, 2), -1),
+        ("day", date(2026, 3, 20), date(2026, 4, 1), -1),
+    ]
+    assert pieces({"since": "2026-03-02", "until": "2026-03-10"}) == [
+        ("day", date(2026, 3, 2), date(2026, 3, 10), 1)  # 8 days in, 23 out
+    ]
+    assert pieces({"since": "2026-12-10", "until": "2026-12-20"}) == []  # all in the future
     inside = data.Period.parse({"since": "2026-03-02", "until": "2026-03-20"}, today)
-    assert inside.parts() == (None, [(date(2026, 3, 2), date(2026, 3, 20))])
     assert inside.query() == {"since": "2026-03-02", "until": "2026-03-20"}
     open_end = data.Period.parse({"since": "2026-11-20"}, today)
     assert open_end.until == date(2026, 12, 4)

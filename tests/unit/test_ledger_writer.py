@@ -17,7 +17,7 @@ from tollgate.app import run_migrations
 from tollgate.ledger.journal import Journal
 from tollgate.ledger.migrate import available_migrations
 from tollgate.ledger.records import UsageRecord, new_request_id
-from tollgate.ledger.rollups import mismatch_query
+from tollgate.ledger.rollups import derive_from_daily_usage, mismatch_query
 from tollgate.ledger.writer import LedgerWriter
 from tollgate.v1 import usage_pb2
 
@@ -105,8 +105,8 @@ async def test_batch_is_idempotent_and_rollup_matches(
         pool, "SELECT end_user_id, requests FROM tollgate.daily_usage ORDER BY end_user_id"
     )
     assert per_user == [("", 1), ("alice", 2), ("bob", 2)]
-    # monthly_usage and daily_totals agree with the rows, group by group.
-    assert await fetch(pool, mismatch_query()) == [(0, 0, 0)]
+    # Every other rollup agrees with the rows too, group by group.
+    assert await fetch(pool, mismatch_query()) == [(0, 0, 0, 0)]
     totals = await fetch(pool, "SELECT sum(requests), sum(unattributed) FROM tollgate.daily_totals")
     assert totals == [(5, 1)]
 
@@ -249,3 +249,21 @@ async def test_concurrent_batches_sharing_rollup_rows_add_up(
     assert await fetch(
         pool, "SELECT count(*), sum(requests), sum(input_tokens) FROM tollgate.daily_usage"
     ) == [(7, 1000, 10_000)]
+
+
+async def test_rollups_derived_from_daily_usage_equal_the_kept_ones(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
+) -> None:
+    writer = make_writer(pool)
+    batch = [record("alice", 10, 5), record("bob", 3, None), record(None, 7, 1)]
+    batch[1].key_id = "key_0123456789ab"
+    assert await writer.write_batch(batch) == 3
+    async with pool.connection() as conn:
+        for table in ("daily_users", "monthly_users", "daily_totals"):
+            await conn.execute(f"DELETE FROM tollgate.{table}")
+        for statement in derive_from_daily_usage():
+            await conn.execute(statement)
+        cur = await conn.execute(mismatch_query())
+        assert await cur.fetchone() == (0, 0, 0, 0)
+        cur = await conn.execute("SELECT count(*), sum(unattributed) FROM tollgate.daily_totals")
+        assert await cur.fetchone() == (2, 1)

@@ -125,8 +125,8 @@ async def test_reprice_fills_unknown_costs_once(pool, database_url: str) -> None
         ).fetchone()
         assert sums is not None
         assert sums[0] == sums[1]
-        # Every rollup (monthly_usage and daily_totals too) moved the same cost.
-        assert await (await conn.execute(mismatch_query())).fetchone() == (0, 0, 0)
+        # Every rollup (daily_users, monthly_users and daily_totals too) moved the same cost.
+        assert await (await conn.execute(mismatch_query())).fetchone() == (0, 0, 0, 0)
 
 
 def test_reprice_command(database_url: str, tmp_path: Path) -> None:

@@ -161,7 +161,7 @@ async def test_prune_command(
         "would drop tollgate.requests_2025_01",
         "would drop tollgate.requests_2025_02",
     ]
-    assert "rollups (daily_usage, monthly_usage, daily_totals) are kept" in dry.stdout
+    assert "rollups (daily_usage, daily_users, monthly_users, daily_totals) are kept" in dry.stdout
     assert await partition_names(conn) == before
 
     done = cli(database_url, tmp_path, "--before", "2025-03-15")

@@ -1,9 +1,10 @@
 """The ledger's rollups and the SQL that keeps them, shared by the writer and ``reprice``.
 
-``daily_usage`` (day x end user x key x provider x model), ``monthly_usage`` (the same per
-calendar month) and ``daily_totals`` (day x key, with the requests that had no end user) are
-all changed in the transaction that changes the rows they sum, from the same CTE of rows, so
-they always agree with ``tollgate.requests`` and with each other.
+``daily_usage`` (day x end user x key x provider x model), ``daily_users`` and
+``monthly_users`` (day or calendar month x end user x key) and ``daily_totals`` (day x key x
+provider x model, with the requests that had no end user) are all changed in the transaction
+that changes the rows they sum, from the same CTE of rows, so they always agree with
+``tollgate.requests`` and with each other.
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ class Rollup:
 
 ROLLUPS: tuple[Rollup, ...] = (
     Rollup("daily_usage", ("day", "end_user_id", "key_id", "provider", "model")),
-    Rollup("monthly_usage", ("month", "end_user_id", "key_id", "provider", "model")),
+    Rollup("daily_users", ("day", "end_user_id", "key_id")),
+    Rollup("monthly_users", ("month", "end_user_id", "key_id")),
     Rollup(
         "daily_totals",
-        ("day", "key_id"),
+        ("day", "key_id", "provider", "model"),
         extra=(("unattributed", "count(*) FILTER (WHERE end_user_id IS NULL)"),),
     ),
 )
@@ -131,3 +133,25 @@ def mismatch_query() -> str:
     ``tollgate.requests`` (all zero when they agree; run it before pruning, which keeps
     the rollups and drops the detail)."""
     return "SELECT " + ",\n".join(f"({_mismatches(r)}) AS {r.table}" for r in ROLLUPS)
+
+
+def derive_from_daily_usage() -> list[str]:
+    """``INSERT … SELECT`` statements filling every other rollup from ``daily_usage`` (they
+    are all coarser): what migration 009 did, for a ledger loaded in bulk (benchmarks)."""
+    out = []
+    for rollup in ROLLUPS:
+        if rollup.table == "daily_usage":
+            continue
+        keys = ", ".join(rollup.keys)
+        exprs = ", ".join(
+            "date_trunc('month', day)::date" if k == "month" else k for k in rollup.keys
+        )
+        sums = [f"sum({name})" for name, _ in _SUMS]
+        sums += ["coalesce(sum(requests) FILTER (WHERE end_user_id = ''), 0)" for _ in rollup.extra]
+        names = ", ".join([name for name, _ in rollup.sums])
+        positions = ", ".join(str(n) for n in range(1, len(rollup.keys) + 1))
+        out.append(
+            f"INSERT INTO tollgate.{rollup.table} ({keys}, {names})"
+            f" SELECT {exprs}, {', '.join(sums)} FROM tollgate.daily_usage GROUP BY {positions}"
+        )
+    return out

@@ -5,8 +5,8 @@
   OFFSET: page 1,000 costs what page 1 does). The CSV export is one ``COPY (SELECT …) TO
   STDOUT``: Postgres formats the rows and they are passed on as they arrive.
 * **Aggregates** (users, a user's page, the overview) read the rollups: whole calendar
-  months of a period from ``monthly_usage``, the days at its edges from ``daily_usage``, the
-  time series from ``daily_totals``. None of them scans ``requests``.
+  months of a period from ``monthly_users``, plus or minus days from ``daily_users``, the
+  time series and top models from ``daily_totals``. None of them scans ``requests``.
 
 Every query takes a :class:`Scope`: a viewer's gateway key is added to every WHERE here, from
 the principal, whatever the query string asked for.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import calendar
+import dataclasses
 import uuid
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, fields
@@ -332,11 +333,22 @@ def _next_month(day: date) -> date:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """Part of a period read from one rollup: whole months or days, added or taken away."""
+
+    unit: str  # "month" or "day"
+    since: date
+    until: date
+    sign: int  # +1, or -1 for days taken off a whole month
+
+
+@dataclass(frozen=True)
 class Period:
     """Whole UTC days ``[since, until)``."""
 
     since: date
     until: date
+    today: date = dataclasses.field(default_factory=lambda: datetime.now(UTC).date())
 
     @classmethod
     def parse(cls, query: Mapping[str, str], today: date | None = None) -> Period:
@@ -349,17 +361,17 @@ class Period:
                 first = date.fromisoformat(f"{month}-01")
             except ValueError:
                 raise ParamError("month", f"month must be YYYY-MM, got {month!r}") from None
-            return cls(first, _next_month(first))
+            return cls(first, _next_month(first), today)
         since, until = _day(query, "since"), _day(query, "until")
         if since is None and until is None:
-            return cls(_month_start(today), _next_month(today))
+            return cls(_month_start(today), _next_month(today), today)
         until = until or today + timedelta(days=1)
         since = since or until - timedelta(days=30)
         if since >= until:
             raise ParamError("until", "until must be after since")
         if (until - since).days > 3700:
             raise ParamError("since", "a period is at most ten years")
-        return cls(since, until)
+        return cls(since, until, today)
 
     @property
     def days(self) -> int:
@@ -384,14 +396,29 @@ class Period:
         """The same days as the log's since/until."""
         return {"since": self.since.isoformat(), "until": self.until.isoformat()}
 
-    def parts(self) -> tuple[tuple[date, date] | None, list[tuple[date, date]]]:
-        """The whole months in the period, and the day ranges left at its edges."""
-        first = self.since if self.since.day == 1 else _next_month(self.since)
-        last = _month_start(self.until)
-        if first >= last:
-            return None, [(self.since, self.until)]
-        edges = [(a, b) for a, b in ((self.since, first), (last, self.until)) if a < b]
-        return (first, last), edges
+    def pieces(self) -> list[Piece]:
+        """The period as whole months plus or minus days, reading as few rollup rows as
+        possible: a month the period covers for the most part is read whole, minus the days
+        it leaves out (days after today hold nothing and cost nothing)."""
+        out: list[Piece] = []
+        horizon = self.today + timedelta(days=1)  # no row is newer than today
+        month = _month_start(self.since)
+        while month < self.until:
+            end = _next_month(month)
+            lo, hi = max(self.since, month), min(self.until, end)
+            if (lo, hi) == (month, end):
+                out.append(Piece("month", month, end, 1))
+            else:
+                left_out = [(month, lo), (hi, min(end, horizon))]
+                left_out = [(a, b) for a, b in left_out if a < b]
+                outside = sum((b - a).days for a, b in left_out)
+                if outside < (min(hi, horizon) - lo).days:
+                    out.append(Piece("month", month, end, 1))
+                    out += [Piece("day", a, b, -1) for a, b in left_out]
+                elif lo < min(hi, horizon):
+                    out.append(Piece("day", lo, min(hi, horizon), 1))
+            month = end
+        return out
 
 
 _SUMMED = (
@@ -408,35 +435,53 @@ _SUMMED = (
 )
 
 
-def _rollup_source(period: Period, scope: Scope) -> tuple[sql.Composable, list[Any]]:
-    """The period's rows of monthly_usage and daily_usage as one relation."""
+def _users_source(
+    period: Period, scope: Scope, user: str | None = None
+) -> tuple[sql.Composable, list[Any]]:
+    """The period's per-user rollup rows (monthly_users, daily_users) as one relation of
+    ``end_user_id, key_id`` and the sums, signed (days taken off a month count negative)."""
     key_sql, key_params = scope.key_clause()
-    cols = sql.SQL(", ").join(
-        sql.Identifier(c) for c in ("end_user_id", "key_id", "provider", "model", *_SUMMED)
-    )
+    user_sql: sql.Composable = sql.SQL("TRUE")
+    user_params: list[Any] = []
+    if user is not None:
+        user_sql, user_params = sql.SQL("end_user_id = %s"), [user]
     parts: list[sql.Composable] = []
     params: list[Any] = []
-    months, edges = period.parts()
-    if months is not None:
+    for piece in period.pieces():
+        table, column = (
+            ("monthly_users", "month") if piece.unit == "month" else ("daily_users", "day")
+        )
+        signed = sql.SQL(", ").join(
+            sql.SQL("{} * {} AS {}").format(
+                sql.Literal(piece.sign), sql.Identifier(c), sql.Identifier(c)
+            )
+            for c in _SUMMED
+        )
         parts.append(
             sql.SQL(
-                "SELECT {} FROM tollgate.monthly_usage WHERE month >= %s AND month < %s AND {}"
-            ).format(cols, key_sql)
+                "SELECT end_user_id, key_id, {} FROM {} WHERE {} >= %s AND {} < %s AND {} AND {}"
+            ).format(
+                signed,
+                sql.Identifier("tollgate", table),
+                sql.Identifier(column),
+                sql.Identifier(column),
+                key_sql,
+                user_sql,
+            )
         )
-        params += [months[0], months[1], *key_params]
-    for lo, hi in edges:
+        params += [piece.since, piece.until, *key_params, *user_params]
+    if not parts:  # a period entirely in the future
         parts.append(
-            sql.SQL(
-                "SELECT {} FROM tollgate.daily_usage WHERE day >= %s AND day < %s AND {}"
-            ).format(cols, key_sql)
+            sql.SQL("SELECT end_user_id, key_id, {} FROM tollgate.daily_users WHERE FALSE").format(
+                sql.SQL(", ").join(sql.Identifier(c) for c in _SUMMED)
+            )
         )
-        params += [lo, hi, *key_params]
     return sql.SQL("({})").format(sql.SQL(" UNION ALL ").join(parts)), params
 
 
 def _sums() -> sql.Composable:
     return sql.SQL(", ").join(
-        sql.SQL("sum({0})::{1} AS {0}").format(
+        sql.SQL("coalesce(sum({0}), 0)::{1} AS {0}").format(
             sql.Identifier(c), sql.SQL("numeric" if c == "cost_usd" else "bigint")
         )
         for c in _SUMMED
@@ -488,7 +533,7 @@ async def fetch_users(
     many users matched in all."""
     if sort not in USER_SORTS:
         raise ParamError("sort", f"sort must be one of {', '.join(USER_SORTS)}")
-    source, params = _rollup_source(period, scope)
+    source, params = _users_source(period, scope)
     cond: sql.Composable = sql.SQL("TRUE")
     if search:
         cond = sql.SQL("end_user_id ILIKE %s")
@@ -497,7 +542,8 @@ async def fetch_users(
     order = sql.SQL("{} {} NULLS LAST, end_user_id").format(sql.Identifier(sort), direction)
     query = sql.SQL(
         "SELECT nullif(end_user_id, '') AS end_user_id, {}, count(*) OVER () AS matched"
-        " FROM {} AS u WHERE {} GROUP BY end_user_id ORDER BY {} LIMIT %s"
+        " FROM {} AS u WHERE {} GROUP BY u.end_user_id HAVING sum(requests) <> 0"
+        " ORDER BY {} LIMIT %s"
     ).format(_sums(), source, cond, order)
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(query, [*params, limit])
@@ -510,20 +556,29 @@ async def fetch_totals(
     conn: psycopg.AsyncConnection[Any], period: Period, scope: Scope, user: str | None = None
 ) -> UserRow:
     """The period's totals (one user's when ``user`` is given; '' for no user)."""
-    source, params = _rollup_source(period, scope)
-    cond: sql.Composable = sql.SQL("TRUE")
-    if user is not None:
-        cond = sql.SQL("end_user_id = %s")
-        params.append(user)
-    query = sql.SQL("SELECT {} FROM {} AS u WHERE {}").format(_sums(), source, cond)
+    source, params = _users_source(period, scope, user)
+    query = sql.SQL("SELECT {} FROM {} AS u").format(_sums(), source)
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(query, params)
         row = await cur.fetchone()
     assert row is not None
-    values: dict[str, Any] = {
-        k: (v if v is not None else (Decimal(0) if k == "cost_usd" else 0)) for k, v in row.items()
-    }
-    return UserRow(end_user_id=user or None, **values)
+    return UserRow(end_user_id=user or None, **row)
+
+
+def _day_source(
+    table: str, period: Period, scope: Scope, user: str | None
+) -> tuple[sql.Composable, list[Any]]:
+    """Rows of a daily rollup in the period (and of one user), as ``WHERE`` and params."""
+    key_sql, key_params = scope.key_clause()
+    cond: list[sql.Composable] = [sql.SQL("day >= %s AND day < %s"), key_sql]
+    params: list[Any] = [period.since, period.until, *key_params]
+    if user is not None:
+        cond.append(sql.SQL("end_user_id = %s"))
+        params.append(user)
+    where = sql.SQL("SELECT * FROM {} WHERE {}").format(
+        sql.Identifier("tollgate", table), sql.SQL(" AND ").join(cond)
+    )
+    return where, params
 
 
 async def fetch_top(
@@ -535,23 +590,27 @@ async def fetch_top(
     user: str | None = None,
     limit: int = 10,
 ) -> list[dict[str, Any]]:
-    """The period's totals grouped by ``group`` (e.g. provider, model), costliest first."""
-    allowed = {"end_user_id", "key_id", "provider", "model"}
-    if not group or not set(group) <= allowed:
+    """The period's totals grouped by ``group``, costliest first: users from the per-user
+    rollups, models from daily_totals (one user's from daily_usage), keys per user from
+    daily_users."""
+    if group == ("end_user_id",):
+        source, params = _users_source(period, scope, user)
+    elif set(group) <= {"key_id", "provider", "model"} and group:
+        table = "daily_totals" if user is None else "daily_usage"
+        if user is not None and set(group) == {"key_id"}:
+            table = "daily_users"
+        select, params = _day_source(table, period, scope, user)
+        source = sql.SQL("({})").format(select)
+    else:
         raise ValueError(group)
-    source, params = _rollup_source(period, scope)
-    cond: sql.Composable = sql.SQL("TRUE")
-    if user is not None:
-        cond = sql.SQL("end_user_id = %s")
-        params.append(user)
     names = sql.SQL(", ").join(sql.Identifier(g) for g in group)
     shown = sql.SQL(", ").join(
         sql.SQL("nullif({0}, '') AS {0}").format(sql.Identifier(g)) for g in group
     )
     query = sql.SQL(
-        "SELECT {}, {} FROM {} AS u WHERE {} GROUP BY {}"
+        "SELECT {}, {} FROM {} AS u GROUP BY {} HAVING sum(requests) <> 0"
         " ORDER BY cost_usd DESC, requests DESC, {} LIMIT %s"
-    ).format(shown, _sums(), source, cond, names, names)
+    ).format(shown, _sums(), source, names, names)
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(query, [*params, limit])
         return await cur.fetchall()
@@ -561,31 +620,23 @@ async def fetch_series(
     conn: psycopg.AsyncConnection[Any], period: Period, scope: Scope, user: str | None = None
 ) -> list[dict[str, Any]]:
     """Per day of ``period``: requests, blocked, unattributed, tokens and cost (every day,
-    zeros included). All users from daily_totals; one user from daily_usage."""
-    key_sql, key_params = scope.key_clause()
+    zeros included). All users from daily_totals; one user from daily_users."""
     if user is None:
-        source = sql.SQL(
-            "SELECT day, requests, blocked, unattributed, total_tokens, cost_usd"
-            " FROM tollgate.daily_totals WHERE day >= %s AND day < %s AND {}"
-        ).format(key_sql)
-        params: list[Any] = [period.since, period.until, *key_params]
+        select, params = _day_source("daily_totals", period, scope, None)
+        unattributed = sql.SQL("s.unattributed")
     else:
-        source = sql.SQL(
-            "SELECT day, requests, blocked, 0::bigint AS unattributed, total_tokens, cost_usd"
-            " FROM tollgate.daily_usage"
-            " WHERE end_user_id = %s AND day >= %s AND day < %s AND {}"
-        ).format(key_sql)
-        params = [user, period.since, period.until, *key_params]
+        select, params = _day_source("daily_users", period, scope, user)
+        unattributed = sql.SQL("0")
     query = sql.SQL(
         "SELECT d::date AS day, coalesce(sum(s.requests), 0)::bigint AS requests,"
         " coalesce(sum(s.blocked), 0)::bigint AS blocked,"
-        " coalesce(sum(s.unattributed), 0)::bigint AS unattributed,"
+        " coalesce(sum({}), 0)::bigint AS unattributed,"
         " coalesce(sum(s.total_tokens), 0)::bigint AS total_tokens,"
         " coalesce(sum(s.cost_usd), 0)::numeric AS cost_usd"
         " FROM generate_series(%s::date, %s::date - 1, interval '1 day') AS d"
         " LEFT JOIN ({}) AS s ON s.day = d::date"
         " GROUP BY 1 ORDER BY 1"
-    ).format(source)
+    ).format(unattributed, select)
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(query, [period.since, period.until, *params])
         return await cur.fetchall()
@@ -606,8 +657,13 @@ async def fetch_daily(
     model: str | None = None,
     limit: int = 10_000,
 ) -> list[dict[str, Any]]:
-    """``daily_usage`` summed per day (and per ``group`` columns), filtered."""
+    """Sums per day (and per ``group`` columns), filtered, from the smallest rollup that has
+    the columns asked for: daily_totals without users, daily_users without models, else
+    daily_usage."""
     scope.check_key(key)
+    by_user = user is not None or "end_user_id" in group
+    by_model = provider is not None or model is not None or {"provider", "model"} & set(group)
+    table = "daily_usage" if by_user and by_model else "daily_users" if by_user else "daily_totals"
     key_sql, key_params = scope.key_clause()
     clauses: list[sql.Composable] = [sql.SQL("day >= %s AND day < %s"), key_sql]
     params: list[Any] = [period.since, period.until, *key_params]
@@ -625,11 +681,10 @@ async def fetch_daily(
         sql.Identifier("day"),
         *(sql.SQL("nullif({0}, '') AS {0}").format(sql.Identifier(g)) for g in group),
     ]
-    query = sql.SQL(
-        "SELECT {}, {} FROM tollgate.daily_usage WHERE {} GROUP BY {} ORDER BY {} LIMIT %s"
-    ).format(
+    query = sql.SQL("SELECT {}, {} FROM {} WHERE {} GROUP BY {} ORDER BY {} LIMIT %s").format(
         sql.SQL(", ").join(shown),
         _sums(),
+        sql.Identifier("tollgate", table),
         sql.SQL(" AND ").join(clauses),
         sql.SQL(", ").join(keys),
         sql.SQL(", ").join(keys),
