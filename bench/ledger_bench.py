@@ -715,6 +715,8 @@ SELECT
     CASE WHEN inp IS NULL OR r_misc > 0.997 THEN NULL ELSE
         (inp * {_model_case(lambda m: str(m.input_per_mtok))}
          + outp * {_model_case(lambda m: str(m.output_per_mtok))}) / 1000000 END,
+    '{{}}'::text[],  -- usage_flags
+    NULL,  -- pricing_error
     200 + (r_lat * r_lat * 20000)::int,
     CASE WHEN r_stream < 0.4 THEN 40 + (r_lat * r_lat * 4000)::int END,
     CASE WHEN r_tag < 0.2 THEN '{{}}'::text[]

@@ -313,7 +313,10 @@ async def copy_csv(
     first, in the chunks Postgres sends (constant memory, whatever the number of rows)."""
     cond, params = where.where(scope)
     select = sql.SQL(
-        "SELECT {} FROM tollgate.requests WHERE {} ORDER BY created_at DESC, request_id DESC"
+        # Ordered by the table's columns, not the formatted created_at of the output (that
+        # would sort every row before the first is sent instead of walking the time index).
+        "SELECT {} FROM tollgate.requests WHERE {}"
+        " ORDER BY requests.created_at DESC, requests.request_id DESC"
     ).format(sql.SQL(", ").join(_csv_expr(c) for c in REQUEST_COLUMNS), cond)
     statement = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER)").format(select)
     async with conn.cursor() as cur, cur.copy(statement, params) as copy:
@@ -656,10 +659,10 @@ async def fetch_daily(
     provider: str | None = None,
     model: str | None = None,
     limit: int = 10_000,
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], bool]:
     """Sums per day (and per ``group`` columns), filtered, from the smallest rollup that has
     the columns asked for: daily_totals without users, daily_users without models, else
-    daily_usage."""
+    daily_usage. At most ``limit`` rows, and whether there were more."""
     scope.check_key(key)
     by_user = user is not None or "end_user_id" in group
     by_model = provider is not None or model is not None or {"provider", "model"} & set(group)
@@ -676,12 +679,14 @@ async def fetch_daily(
         if value is not None:
             clauses.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
             params.append(value)
-    keys = [sql.Identifier("day"), *(sql.Identifier(g) for g in group)]
+    # Grouped and ordered by the table's columns (r.…), not the nullif() outputs of the same
+    # name, so the rollup's key order serves the ORDER BY.
+    keys = [sql.Identifier("r", "day"), *(sql.Identifier("r", g) for g in group)]
     shown = [
-        sql.Identifier("day"),
-        *(sql.SQL("nullif({0}, '') AS {0}").format(sql.Identifier(g)) for g in group),
+        sql.Identifier("r", "day"),
+        *(sql.SQL("nullif(r.{0}, '') AS {0}").format(sql.Identifier(g)) for g in group),
     ]
-    query = sql.SQL("SELECT {}, {} FROM {} WHERE {} GROUP BY {} ORDER BY {} LIMIT %s").format(
+    query = sql.SQL("SELECT {}, {} FROM {} AS r WHERE {} GROUP BY {} ORDER BY {} LIMIT %s").format(
         sql.SQL(", ").join(shown),
         _sums(),
         sql.Identifier("tollgate", table),
@@ -690,8 +695,9 @@ async def fetch_daily(
         sql.SQL(", ").join(keys),
     )
     async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(query, [*params, limit])
-        return await cur.fetchall()
+        await cur.execute(query, [*params, limit + 1])
+        rows = await cur.fetchall()
+    return rows[:limit], len(rows) > limit  # (rows, whether more were left out)
 
 
 # -- limits -------------------------------------------------------------------------------

@@ -217,7 +217,7 @@ def openapi_document() -> dict[str, Any]:
             },
             "/usage/daily": {
                 "get": {
-                    "summary": "daily_usage summed per day (and per group_by columns)",
+                    "summary": "Usage summed per day (and per group_by columns)",
                     "parameters": [
                         *_PERIOD,
                         _param("group_by", f"comma list of {', '.join(DAILY_GROUPS)}"),
@@ -231,6 +231,7 @@ def openapi_document() -> dict[str, Any]:
                             "type": "object",
                             "properties": {
                                 **period_fields,
+                                "truncated": {"type": "boolean"},
                                 "data": {"type": "array", "items": grouped},
                             },
                         }

@@ -74,20 +74,6 @@ PRINCIPAL: Any = _REQUEST_KEY("principal", Principal) if _REQUEST_KEY else "toll
 # -- presentation ---------------------------------------------------------------------------
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Decimal | uuid.UUID):
-        return str(value)
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
-    return value
-
-
 def _tokens(value: int | None) -> str:
     return "—" if value is None else f"{value:,}"
 
@@ -513,7 +499,7 @@ class DashboardApp:
                 "group_by", f"group_by is a comma list of {', '.join(data.DAILY_GROUPS)}"
             )
         async with self.pool.connection() as conn:
-            rows = await data.fetch_daily(
+            rows, truncated = await data.fetch_daily(
                 conn,
                 period,
                 self._scope(request),
@@ -523,7 +509,9 @@ class DashboardApp:
                 provider=q.get("provider") or None,
                 model=q.get("model") or None,
             )
-        return _json({"since": period.since, "until": period.until, "data": rows})
+        return _json(
+            {"since": period.since, "until": period.until, "truncated": truncated, "data": rows}
+        )
 
     async def api_limits(self, request: web.Request) -> web.Response:
         async with self.pool.connection() as conn:
@@ -556,9 +544,20 @@ def _see_other(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location})
 
 
+def _json_default(value: Any) -> Any:
+    """What json cannot encode itself: exact decimals and ids as strings, ISO times, rows."""
+    if isinstance(value, Decimal | uuid.UUID):
+        return str(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return vars(value)
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
 def _json(body: Mapping[str, Any]) -> web.Response:
     return web.Response(
-        text=json.dumps(_plain(dict(body)), separators=(",", ":")),
+        text=json.dumps(body, separators=(",", ":"), default=_json_default),
         content_type="application/json",
     )
 
@@ -673,7 +672,8 @@ async def running_dashboard(
         # Read-only sessions: whatever goes wrong in here, the dashboard cannot change the
         # ledger. Page queries stop after 30 s; the CSV export lifts that for itself.
         kwargs={
-            "options": "-c default_transaction_read_only=on"
+            # work_mem: a month's per-user aggregate sorts in memory instead of on disk.
+            "options": "-c default_transaction_read_only=on -c work_mem=32MB"
             f" -c statement_timeout={_PAGE_TIMEOUT_MS}",
             "application_name": "tollgate-dashboard",
         },
