@@ -42,11 +42,9 @@ import http.client
 import json
 import os
 import platform
-import queue
 import random
 import re
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -63,6 +61,7 @@ import aiohttp
 import ledger_bench as lb
 import psutil
 import psycopg
+import run as bench_run
 from aiohttp.test_utils import make_mocked_request
 
 from tollgate.ledger.limits import create_limit
@@ -128,8 +127,8 @@ LIMITS: Final = (
 )
 
 
-class BenchError(RuntimeError):
-    """The benchmark could not set up, run or verify a measurement."""
+# The benchmark could not set up, run or verify a measurement (the one error of bench/).
+BenchError = bench_run.BenchError
 
 
 def _progress(text: str) -> None:
@@ -302,76 +301,20 @@ async def _create_limits_and_viewer(url: str, key_id: str) -> tuple[list[dict[st
 # -- the dashboard process ----------------------------------------------------------------------
 
 
-class Dashboard:
+class Dashboard(bench_run.TollgateChild):
     """``python -m tollgate dashboard`` as a child process; ready when it prints its URL."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.env = env
-        self.log_path = log_path
-        self.proc: subprocess.Popen[str] | None = None
-        self._lines: queue.Queue[str] = queue.Queue()
-        self._reader: threading.Thread | None = None
+    command = "dashboard"
+    ready = "dashboard: "
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self) -> str:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tollgate", "dashboard"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        self._reader = threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True)
-        self._reader.start()
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                line = self._lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            if line.startswith("dashboard: "):
-                return line.split()[1]
-        code = self.proc.poll()
-        state = "timed out" if code is None else f"exited with code {code}"
-        if self._reader is not None:
-            self._reader.join(1)
-        tail = "\n".join(self.log_path.read_text("utf-8", "replace").splitlines()[-20:])
-        raise BenchError(
-            f"`tollgate dashboard` {state} before it was ready; {self.log_path}:\n{tail}"
-        )
-
-    def _pump(self, stdout: IO[str]) -> None:
-        with self.log_path.open("a", encoding="utf-8") as log:
-            for line in stdout:
-                log.write(line)
-                log.flush()
-                self._lines.put(line)
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        if self._reader is not None:
-            self._reader.join(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
-        self.proc = None
+    def start(self, timeout_s: float = READY_TIMEOUT_S) -> str:
+        """The dashboard's URL."""
+        return super().start(timeout_s).split()[1]
 
 
 @contextlib.contextmanager

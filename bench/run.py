@@ -580,8 +580,12 @@ class PythonLoad:
 # -- the processes under test ----------------------------------------------------------------
 
 
-class TollgateUp:
-    """``python -m tollgate up`` as a child process; ready when it says so on stdout."""
+class TollgateChild:
+    """``python -m tollgate <command>`` as a child process, ready when a line of its stdout
+    starts with ``ready`` (that line is what :meth:`start` returns)."""
+
+    command = "up"
+    ready = "tollgate is ready"
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.env = env
@@ -594,9 +598,9 @@ class TollgateUp:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
-    def start(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+    def start(self, timeout_s: float = READY_TIMEOUT_S) -> str:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tollgate", "up"],
+            [sys.executable, "-m", "tollgate", self.command],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -609,17 +613,21 @@ class TollgateUp:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                if "tollgate is ready" in self._lines.get(timeout=0.2):
-                    return
+                line = self._lines.get(timeout=0.2)
             except queue.Empty:
                 if self.proc.poll() is not None:
                     break
+                continue
+            if line.startswith(self.ready):
+                return line
         code = self.proc.poll()
         state = "timed out" if code is None else f"exited with code {code}"
         if self._reader is not None:
             self._reader.join(1)
         tail = "\n".join(self.log_path.read_text("utf-8", "replace").splitlines()[-20:])
-        raise BenchError(f"`tollgate up` {state} before it was ready; {self.log_path}:\n{tail}")
+        raise BenchError(
+            f"`tollgate {self.command}` {state} before it was ready; {self.log_path}:\n{tail}"
+        )
 
     def _pump(self, stdout: IO[str]) -> None:
         with self.log_path.open("a", encoding="utf-8") as log:
@@ -645,6 +653,10 @@ class TollgateUp:
         if proc.stdout is not None:
             proc.stdout.close()
         self.proc = None
+
+
+class TollgateUp(TollgateChild):
+    """``python -m tollgate up``; ready when it says so."""
 
 
 BARE_FILTERS: Final = ("envoy.filters.http.dynamic_forward_proxy", "envoy.filters.http.router")

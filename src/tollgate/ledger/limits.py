@@ -42,6 +42,7 @@ __all__ = [
     "LimitError",
     "PeriodSpend",
     "create_limit",
+    "current_period",
     "delete_limit",
     "get_limit",
     "limit_spend",
@@ -433,32 +434,38 @@ async def list_limits(conn: psycopg.AsyncConnection[Any]) -> list[Limit]:
         return await cur.fetchall()
 
 
+async def current_period(
+    conn: psycopg.AsyncConnection[Any], limit: Limit
+) -> tuple[datetime, datetime | None]:
+    """(start of the limit's current period — the epoch for 'total' —, when it resets)."""
+    cur = await conn.execute(
+        "SELECT tollgate.limit_period_start(%(period)s, %(tz)s, now()),"
+        " CASE WHEN %(period)s = 'total' THEN NULL ELSE"
+        " (date_trunc(%(period)s, now() AT TIME ZONE %(tz)s)"
+        "  + ('1 ' || %(period)s)::interval) AT TIME ZONE %(tz)s END",
+        {"period": limit.period, "tz": limit.time_zone},
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
 async def limit_spend(
     conn: psycopg.AsyncConnection[Any], limit: Limit, subject: str | None = None
 ) -> tuple[datetime | None, datetime | None, list[PeriodSpend]]:
     """(start of the current period, when it resets, spend by subject in it — one entry ''
     for a limit with one spend, or one per user/key for a limit without a subject, the
     largest first; only ``subject``'s when given)."""
-    from psycopg.rows import class_row, dict_row
+    from psycopg.rows import class_row
 
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(
-            "SELECT tollgate.limit_period_start(%(period)s, %(tz)s, now()) AS start,"
-            " CASE WHEN %(period)s = 'total' THEN NULL ELSE"
-            " (date_trunc(%(period)s, now() AT TIME ZONE %(tz)s)"
-            "  + ('1 ' || %(period)s)::interval) AT TIME ZONE %(tz)s END AS reset",
-            {"period": limit.period, "tz": limit.time_zone},
-        )
-        bounds = await cur.fetchone()
-        assert bounds is not None
+    start, reset = await current_period(conn, limit)
     async with conn.cursor(row_factory=class_row(PeriodSpend)) as cur:
         await cur.execute(
             "SELECT subject, usd, tokens, requests, unpriced FROM tollgate.limit_spend"
             " WHERE limit_id = %(limit_id)s AND period_start = %(start)s"
             " AND (%(subject)s::text IS NULL OR subject = %(subject)s)"
             " ORDER BY usd DESC, tokens DESC, requests DESC, subject",
-            {"limit_id": limit.limit_id, "start": bounds["start"], "subject": subject},
+            {"limit_id": limit.limit_id, "start": start, "subject": subject},
         )
         spent = await cur.fetchall()
-    start = bounds["start"]
-    return (None if limit.period == "total" else start), bounds["reset"], spent
+    return (None if limit.period == "total" else start), reset, spent

@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row, dict_row
 
-from tollgate.ledger.limits import Limit, PeriodSpend, list_limits
+from tollgate.ledger.limits import Limit, PeriodSpend, current_period, list_limits
 from tollgate.ledger.queries import RequestRow
 
 __all__ = [
@@ -728,21 +728,13 @@ async def fetch_limits(conn: psycopg.AsyncConnection[Any], scope: Scope) -> list
         if not visible_limit(limit, scope):
             continue
         subject = scope.key_id if scope.key_id is not None and limit.subject is None else None
+        period_start, reset = await current_period(conn, limit)
         async with conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(
-                "SELECT tollgate.limit_period_start(%(period)s, %(tz)s, now()) AS start,"
-                " CASE WHEN %(period)s = 'total' THEN NULL ELSE"
-                " (date_trunc(%(period)s, now() AT TIME ZONE %(tz)s)"
-                "  + ('1 ' || %(period)s)::interval) AT TIME ZONE %(tz)s END AS reset",
-                {"period": limit.period, "tz": limit.time_zone},
-            )
-            bounds = await cur.fetchone()
-            assert bounds is not None
             await cur.execute(
                 "SELECT count(*) AS n FROM tollgate.limit_spend"
                 " WHERE limit_id = %(id)s AND period_start = %(start)s"
                 " AND (%(subject)s::text IS NULL OR subject = %(subject)s)",
-                {"id": limit.limit_id, "start": bounds["start"], "subject": subject},
+                {"id": limit.limit_id, "start": period_start, "subject": subject},
             )
             counted = await cur.fetchone()
         async with conn.cursor(row_factory=class_row(PeriodSpend)) as spend_cur:
@@ -753,14 +745,12 @@ async def fetch_limits(conn: psycopg.AsyncConnection[Any], scope: Scope) -> list
                 " ORDER BY usd DESC, tokens DESC, requests DESC, subject LIMIT %(n)s",
                 {
                     "id": limit.limit_id,
-                    "start": bounds["start"],
+                    "start": period_start,
                     "subject": subject,
                     "n": MAX_LIMIT_SUBJECTS,
                 },
             )
             spent = await spend_cur.fetchall()
-        start = None if limit.period == "total" else bounds["start"]
-        out.append(
-            LimitView(limit, start, bounds["reset"], spent, int(counted["n"]) if counted else 0)
-        )
+        start = None if limit.period == "total" else period_start
+        out.append(LimitView(limit, start, reset, spent, int(counted["n"]) if counted else 0))
     return out
