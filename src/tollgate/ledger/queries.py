@@ -16,7 +16,14 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row
 
-__all__ = ["RequestRow", "UsageFilter", "UserTotals", "fetch_requests", "fetch_user_totals"]
+__all__ = [
+    "RequestRow",
+    "UsageFilter",
+    "UserTotals",
+    "fetch_requests",
+    "fetch_user_totals",
+    "row_conditions",
+]
 
 
 @dataclass(frozen=True)
@@ -79,24 +86,51 @@ class UsageFilter:
     tag: str | None = None
 
     def where(self) -> tuple[sql.Composable, list[Any]]:
-        clauses: list[sql.Composable] = [sql.SQL("TRUE")]
-        params: list[Any] = []
-        if self.user is not None:
-            clauses.append(sql.SQL("end_user_id = %s"))
-            params.append(self.user)
-        if self.since is not None:
-            clauses.append(sql.SQL("created_at >= %s"))
-            params.append(self.since)
-        if self.until is not None:
-            clauses.append(sql.SQL("created_at < %s"))
-            params.append(self.until)
-        if self.model is not None:
-            clauses.append(sql.SQL("model = %s"))
-            params.append(self.model)
-        if self.tag is not None:
-            clauses.append(sql.SQL("%s = ANY(tags)"))
-            params.append(self.tag)
-        return sql.SQL(" AND ").join(clauses), params
+        return row_conditions(
+            user=self.user, since=self.since, until=self.until, model=self.model, tag=self.tag
+        )
+
+
+def row_conditions(
+    *,
+    user: str | None = None,
+    unattributed: bool = False,
+    key: str | None = None,
+    provider: str | None = None,
+    model: str | None = None,
+    endpoint: str | None = None,
+    tag: str | None = None,
+    outcome: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> tuple[sql.Composable, list[Any]]:
+    """A WHERE over ``tollgate.requests``: every given value must match (None: any), and
+    its parameters. Shared by `tollgate usage`, UsageService and the dashboard's log."""
+    clauses: list[sql.Composable] = [sql.SQL("TRUE")]
+    params: list[Any] = []
+    for column, value in (
+        ("end_user_id", user),
+        ("key_id", key),
+        ("provider", provider),
+        ("model", model),
+        ("endpoint", endpoint),
+        ("outcome", outcome),
+    ):
+        if value is not None:
+            clauses.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
+            params.append(value)
+    if unattributed:
+        clauses.append(sql.SQL("end_user_id IS NULL"))
+    if tag is not None:
+        clauses.append(sql.SQL("%s = ANY(tags)"))
+        params.append(tag)
+    if since is not None:
+        clauses.append(sql.SQL("created_at >= %s"))
+        params.append(since)
+    if until is not None:
+        clauses.append(sql.SQL("created_at < %s"))
+        params.append(until)
+    return sql.SQL(" AND ").join(clauses), params
 
 
 async def fetch_requests(

@@ -30,7 +30,7 @@ from psycopg import sql
 from psycopg.rows import class_row, dict_row
 
 from tollgate.ledger.limits import Limit, PeriodSpend, current_period, list_limits
-from tollgate.ledger.queries import RequestRow
+from tollgate.ledger.queries import RequestRow, row_conditions
 
 __all__ = [
     "OUTCOMES",
@@ -207,32 +207,20 @@ class LogFilter:
 
     def where(self, scope: Scope) -> tuple[sql.Composable, list[Any]]:
         scope.check_key(self.key)
-        clauses: list[sql.Composable] = []
-        params: list[Any] = []
         key_sql, key_params = scope.key_clause()
-        clauses.append(key_sql)
-        params += key_params
-        for column in ("key", "provider", "model", "endpoint", "outcome"):
-            value = getattr(self, column)
-            if value is not None:
-                name = "key_id" if column == "key" else column
-                clauses.append(sql.SQL("{} = %s").format(sql.Identifier(name)))
-                params.append(value)
-        if self.user is not None:
-            clauses.append(sql.SQL("end_user_id = %s"))
-            params.append(self.user)
-        if self.unattributed:
-            clauses.append(sql.SQL("end_user_id IS NULL"))
-        if self.tag is not None:
-            clauses.append(sql.SQL("tags @> ARRAY[%s]::text[]"))
-            params.append(self.tag)
-        if self.since is not None:
-            clauses.append(sql.SQL("created_at >= %s"))
-            params.append(self.since)
-        if self.until is not None:
-            clauses.append(sql.SQL("created_at < %s"))
-            params.append(self.until)
-        return sql.SQL(" AND ").join(clauses), params
+        cond, params = row_conditions(
+            user=self.user,
+            unattributed=self.unattributed,
+            key=self.key,
+            provider=self.provider,
+            model=self.model,
+            endpoint=self.endpoint,
+            tag=self.tag,
+            outcome=self.outcome,
+            since=self.since,
+            until=self.until,
+        )
+        return sql.SQL("{} AND {}").format(key_sql, cond), [*key_params, *params]
 
 
 def encode_cursor(created_at: datetime, request_id: uuid.UUID) -> str:
