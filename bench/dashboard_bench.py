@@ -74,7 +74,6 @@ from tollgate.web.auth import ADMIN, VIEWER, Principal
 
 BENCH_DIR: Final = Path(__file__).resolve().parent
 REPO: Final = BENCH_DIR.parent
-RESULTS_DIR: Final = BENCH_DIR / "results"
 
 GOAL_MS: Final = 200.0
 EXPORT_GOAL_ROWS_PER_S: Final = 50_000
@@ -1098,13 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, psycopg.Error, OSError, aiohttp.ClientError, psutil.Error) as exc:
         _progress(f"dashboard bench failed: {exc}")
         return 1
-    report["elapsed_s"] = round(time.monotonic() - t0, 1)
-    report["host"]["load_average_at_end"] = os.getloadavg()
-    print(markdown(report))
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"dashboard-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    print(f"\nresults: {out.relative_to(REPO)} (total {report['elapsed_s']}s)")
+    lb.finish_report(report, markdown, "dashboard", started, t0)
     return 0
 
 

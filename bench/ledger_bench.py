@@ -1002,6 +1002,23 @@ def run_summary_part(cluster: Cluster, rows: int, report: dict[str, Any]) -> Non
 # -- report ---------------------------------------------------------------------------------
 
 
+def finish_report(
+    report: dict[str, Any],
+    render: Callable[[dict[str, Any]], str],
+    name: str,
+    started: datetime,
+    t0: float,
+) -> None:
+    """Print the report as Markdown and write it to ``bench/results/<name>-<UTC time>.json``."""
+    report["elapsed_s"] = round(time.monotonic() - t0, 1)
+    report["host"]["load_average_at_end"] = os.getloadavg()
+    print(render(report))
+    RESULTS_DIR.mkdir(exist_ok=True)
+    out = RESULTS_DIR / f"{name}-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    print(f"\nresults: {out.relative_to(REPO)} (total {report['elapsed_s']}s)")
+
+
 def _progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -1184,13 +1201,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, psycopg.Error) as exc:
         _progress(f"ledger bench failed: {exc}")
         return 1
-    report["elapsed_s"] = round(time.monotonic() - t0, 1)
-    report["host"]["load_average_at_end"] = os.getloadavg()
-    print(markdown(report))
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"ledger-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    print(f"\nresults: {out.relative_to(REPO)} (total {report['elapsed_s']}s)")
+    finish_report(report, markdown, "ledger", started, t0)
     return 0
 
 

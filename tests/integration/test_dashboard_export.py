@@ -56,17 +56,38 @@ def filled(database_url: str) -> str:
     return database_url
 
 
+def _env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """This environment without TOLLGATE_* settings, plus ``settings`` (names upper-cased)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    env["TOLLGATE_STATE_DIR"] = str(tmp_path / "state")
+    env.update({f"TOLLGATE_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+def _dashboard_env(url: str, tmp_path: Path, port: int) -> dict[str, str]:
+    return _env(
+        tmp_path,
+        database_url=url,
+        dashboard_address=f"127.0.0.1:{port}",
+        dashboard_admin_token=ADMIN,
+    )
+
+
+def _run_dashboard(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tollgate", "dashboard"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 @contextlib.contextmanager
 def dashboard(url: str, tmp_path: Path) -> Iterator[tuple[int, TollgateProcess]]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
-    env.update(
-        TOLLGATE_DATABASE_URL=url,
-        TOLLGATE_STATE_DIR=str(tmp_path / "state"),
-        TOLLGATE_DASHBOARD_ADDRESS=f"127.0.0.1:{port}",
-        TOLLGATE_DASHBOARD_ADMIN_TOKEN=ADMIN,
-    )
-    process = TollgateProcess(["dashboard"], env)
+    process = TollgateProcess(["dashboard"], _dashboard_env(url, tmp_path, port))
     try:
         process.wait_for_line("dashboard: http://")
         yield port, process
@@ -161,16 +182,7 @@ def test_a_million_row_export_streams_with_flat_memory(filled: str, tmp_path: Pa
 def test_the_dashboard_command_needs_an_address_to_listen_on(
     tmp_path: Path,
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
-    env.update(TOLLGATE_STATE_DIR=str(tmp_path / "s"), TOLLGATE_DASHBOARD_ADDRESS="")
-    done = subprocess.run(
-        [sys.executable, "-m", "tollgate", "dashboard"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _run_dashboard(_env(tmp_path, dashboard_address=""))
     assert done.returncode == 2
     assert "dashboard_address is empty" in done.stderr
 
@@ -192,21 +204,7 @@ def test_the_dashboard_runs_as_a_read_only_role(database_url: str, tmp_path: Pat
         # A migration pending, and a role that may not apply it: a clear refusal, not a crash.
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute("DELETE FROM tollgate.schema_migrations WHERE version = 9")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
-        env.update(
-            TOLLGATE_DATABASE_URL=read_only,
-            TOLLGATE_STATE_DIR=str(tmp_path / "state"),
-            TOLLGATE_DASHBOARD_ADDRESS=f"127.0.0.1:{free_port()}",
-            TOLLGATE_DASHBOARD_ADMIN_TOKEN=ADMIN,
-        )
-        done = subprocess.run(
-            [sys.executable, "-m", "tollgate", "dashboard"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = _run_dashboard(_dashboard_env(read_only, tmp_path, free_port()))
         assert done.returncode == 2, done.stderr
         assert "009_dashboard" in done.stderr
         assert "tollgate migrate" in done.stderr
