@@ -74,10 +74,10 @@ class ScopeError(PermissionError):
 class Scope:
     key_id: str | None = None  # None: every key (the admin)
 
-    def key_clause(self, column: str = "key_id") -> tuple[sql.Composable, list[Any]]:
+    def key_clause(self) -> tuple[sql.Composable, list[Any]]:
         if self.key_id is None:
             return sql.SQL("TRUE"), []
-        return sql.SQL("{} = %s").format(sql.Identifier(column)), [self.key_id]
+        return sql.SQL("key_id = %s"), [self.key_id]
 
     def check_key(self, asked: str | None) -> None:
         if self.key_id is not None and asked is not None and asked != self.key_id:
@@ -363,10 +363,6 @@ class Period:
         if (until - since).days > 3700:
             raise ParamError("since", "a period is at most ten years")
         return cls(since, until, today)
-
-    @property
-    def days(self) -> int:
-        return (self.until - self.since).days
 
     @property
     def is_month(self) -> bool:
