@@ -158,6 +158,13 @@ def wait_for_rows(
             time.sleep(0.05)
 
 
+def row_for(database_url: str, request_id: str, timeout_s: float = 5) -> dict[str, Any]:
+    """The ledger row of one request, waiting up to ``timeout_s`` for the writer."""
+    rows = wait_for_rows(database_url, "request_id = %s", (request_id,), 1, timeout_s=timeout_s)
+    assert len(rows) == 1, f"request {request_id}: {len(rows)} rows"
+    return rows[0]
+
+
 @contextlib.contextmanager
 def running_tollgate(
     state_dir: Path,

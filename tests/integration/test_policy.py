@@ -23,9 +23,9 @@ from tests.integration.conftest import (
     FakeUpstream,
     RunningTollgate,
     create_key,
+    row_for,
     running_tollgate,
     tollgate_command,
-    wait_for_rows,
 )
 from tests.jwt_support import make_signing_key, sign
 from tollgate.policy.headers import ATTRIBUTION_HEADERS
@@ -66,11 +66,6 @@ def client(running: RunningTollgate, **headers: str) -> openai.OpenAI:
         default_headers=headers,
         max_retries=0,
     )
-
-
-def row_for(database_url: str, request_id: str) -> dict[str, Any]:
-    (row,) = wait_for_rows(database_url, "request_id = %s", (request_id,), 1, timeout_s=5)
-    return row
 
 
 def chat(c: openai.OpenAI, **kwargs: Any) -> str:

@@ -25,9 +25,9 @@ from tests.integration.conftest import (
     FakeUpstream,
     RunningTollgate,
     create_key,
+    row_for,
     running_tollgate,
     started_fake_upstream,
-    wait_for_rows,
 )
 from tollgate.localstack import free_port
 
@@ -51,11 +51,6 @@ def envoy_upstream_connections(running: RunningTollgate) -> int:
         stats = json.loads(r.read())["stats"]
     assert stats, "no upstream cluster counters: the cluster names changed?"
     return sum(int(s.get("value", 0)) for s in stats)
-
-
-def row_for(database_url: str, request_id: str) -> dict[str, Any]:
-    (row,) = wait_for_rows(database_url, "request_id = %s", (request_id,), 1, timeout_s=5)
-    return row
 
 
 def raw_post(running: RunningTollgate, headers: dict[str, str]) -> tuple[int, dict[str, Any], str]:

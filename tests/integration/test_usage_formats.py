@@ -23,8 +23,8 @@ from genai_prices import Usage, calc_price
 from tests.integration.conftest import (
     FakeUpstream,
     RunningTollgate,
+    row_for,
     running_tollgate,
-    wait_for_rows,
 )
 from tollgate.metering.usage import TOKEN_FIELDS
 
@@ -48,11 +48,6 @@ def stack(
         tmp_path / "state", database_url, fake_upstream, providers=json.dumps(providers)
     ) as running:
         yield running
-
-
-def row_for(database_url: str, request_id: str) -> dict[str, Any]:
-    (row,) = wait_for_rows(database_url, "request_id = %s", (request_id,), 1, timeout_s=5)
-    return row
 
 
 def genai_cost(provider_id: str, model: str, **usage: int | None) -> Decimal | None:
