@@ -21,7 +21,21 @@ Endpoints (``…`` is any path prefix: ``/v1``, ``/team-a/v1``, an Azure
     Anthropic   POST …/messages                Message; SSE with "stream": true
     Gemini      POST …/models/{model}:generateContent
                 POST …/models/{model}:streamGenerateContent    JSON array; SSE with ?alt=sse
+    Vertex AI   (…: /v1 or /v1beta1, then projects/{p}/locations/{l}, or nothing in express
+                mode; Gemini models are the Gemini entries above, under publishers/google)
+                POST …/publishers/anthropic/models/{model}:rawPredict        Message
+                POST …/publishers/anthropic/models/{model}:streamRawPredict  SSE ("stream")
+                POST …/publishers/anthropic/models/count-tokens:rawPredict   input_tokens
+                POST …/publishers/google/models/{model}:predict         embedding models
+                POST …/publishers/google/models/{model}:embedContent    also batchEmbedContents
+                POST …/publishers/google/models/{model}:predictLongRunning      Veo operation
+                POST …/publishers/google/models/{model}:fetchPredictOperation   poll it
+                GET  …/operations/{id}                                          poll it
     Bedrock     POST /model/{modelId}/converse
+                POST /model/{modelId}/converse-stream          AWS event stream
+                POST /model/{modelId}/invoke                   the vendor's JSON (Anthropic,
+                                                               Meta Llama, Amazon Nova)
+                POST /model/{modelId}/invoke-with-response-stream    event stream of chunks
 
 Streams are framed as each provider frames them: OpenAI chat and legacy completions send
 ``data:`` lines ending with ``data: [DONE]``; Responses and Anthropic name each event on an
@@ -75,10 +89,46 @@ A message's *text* is its ``content`` string or the ``text`` strings of its cont
   contains "thinking" or "2.5"; totalTokenCount = the sum. Streamed chunks carry one word
   each and cumulative counts, the last one equal to the whole reply's. Limit
   ``generationConfig.maxOutputTokens`` (finishReason MAX_TOKENS).
+* Vertex AI Claude (``rawPredict``, ``streamRawPredict``): counted and streamed as for
+  Anthropic (``stream`` in the body decides), the model is the path's (``@`` shown as ``-``
+  in the reply's ``model``), ``id`` "msg_vrtx_…", no request-id header; ``anthropic_version``
+  is required. ``count-tokens``: input_tokens = 3 per message + T(messages' text) + T(system
+  text), whatever the cache.
+* Vertex AI embeddings: ``:predict`` (models named ``*embedding*``): per instance
+  ``statistics.token_count`` = T(content); ``metadata.billableCharacterCount`` = the contents'
+  characters other than whitespace. ``:embedContent``: promptTokenCount = totalTokenCount =
+  T(the content's text parts); ``:batchEmbedContents``: their sum over the requests. Vectors
+  have ``outputDimensionality`` floats (default 768, 3072 for ``gemini-*``).
+* Veo (``veo-*``): ``durationSeconds`` (default 8; 5 to 8 for ``veo-2*``, else 4, 6 or 8) and
+  ``sampleCount`` (default 1, at most 4) are checked; the operation is running at its first
+  poll and done from the second, its ``response.videos`` one per sample: ``gcsUri`` under
+  ``storageUri`` when given, else ``bytesBase64Encoded``, 64 bytes per second.
 * Bedrock Converse: inputTokens = 3 per message + T(all messages' text) + T(system text);
   with a ``cachePoint`` block in ``system`` the system tokens are split as for Anthropic
   into cacheWriteInputTokens (C // 3) and cacheReadInputTokens instead; outputTokens = N;
   totalTokens = input + output + cache read + cache write. Limit ``inferenceConfig.maxTokens``.
+  ConverseStream counts the same; its body is ``application/vnd.amazon.eventstream`` (binary
+  messages with CRCs, one per event: ``:message-type`` event, ``:event-type``,
+  ``:content-type`` application/json; each JSON padded with a "p" member as AWS pads it):
+  messageStart, one contentBlockDelta per word, contentBlockStop, messageStop, then metadata
+  with the usage and ``metrics.latencyMs``.
+* Bedrock InvokeModel, in the format of the vendor the model ID names (any other is a 400):
+  ``anthropic.``: Anthropic's Messages body without ``model`` (``anthropic_version`` and
+  ``max_tokens`` required), counted as for Anthropic, ``id`` "msg_bdrk_…", ``model`` the ID
+  without region prefix, vendor and version; ``meta.``: Llama's ``prompt``, ``max_gen_len``
+  (default 512), prompt_token_count = T(prompt), generation_token_count = N, stop_reason
+  "stop" or "length"; ``amazon.nova``: Converse's messages and counts (limit
+  ``inferenceConfig.max_new_tokens`` or ``maxTokens``), the cache counts named
+  ``cacheRead/WriteInputTokenCount``. Headers ``X-Amzn-Bedrock-Input-Token-Count`` (the
+  input without cache) and ``X-Amzn-Bedrock-Output-Token-Count`` (N), with a cache also
+  ``X-Amzn-Bedrock-Cache-Read-Input-Token-Count`` and ``…-Cache-Write-…``.
+  InvokeModelWithResponseStream sends the vendor's stream events
+  (Anthropic's as its SSE events, without ping; Llama one per word with a cumulative
+  generation_token_count, the prompt count in the first only, then a last one with the
+  stop_reason; Nova messageStart, contentBlockDelta…, messageStop, metadata with its usage)
+  as ``chunk`` events, each ``{"bytes": base64 of the JSON}``; the last chunk's JSON adds
+  ``amazon-bedrock-invocationMetrics``: inputTokenCount, outputTokenCount (as the headers),
+  invocationLatency, firstByteLatency, and cacheRead/WriteInputTokenCount with a cache.
 
 Test knobs are request headers, never part of a provider API: ``x-fake-chunk-delay-ms: N``
 sleeps N ms between the events of a streamed reply (instead of ``--chunk-delay-ms``), so a
@@ -93,8 +143,8 @@ Control endpoints (never recorded): ``GET /_fake/requests`` returns
 ``{"requests": [...], "connections": N}``, where each request has method, raw path, headers,
 body length and model, and ``connections`` counts the distinct TCP connections that carried at
 least one recorded request; ``DELETE /_fake/requests`` clears both; ``GET /_fake/health``
-answers ``ok``. Unknown paths answer 404 (recorded under ``/v1/``, ``/v1beta/`` and
-``/model/``).
+answers ``ok``. Unknown paths answer 404 (recorded under ``/v1/``, ``/v1beta/``,
+``/v1beta1/`` and ``/model/``).
 
 With ``--tls-cert`` and ``--tls-key`` (PEM files) it serves HTTPS only, on the same port, so
 tests can prove that a verified TLS upstream works and a wrongly named one is refused.
@@ -123,6 +173,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from aiohttp import web
+
+from tollgate.metering.eventstream import encode_message
 
 __all__ = ["build_app", "main", "serve", "server_tls_context"]
 
@@ -595,7 +647,7 @@ class _Upstream:
 class _Control:
     """The fake's own endpoints: the request record, health, and the 404 for the rest."""
 
-    _RECORDED_PREFIXES: Final = ("/v1/", "/v1beta/", "/model/")
+    _RECORDED_PREFIXES: Final = ("/v1/", "/v1beta/", "/v1beta1/", "/model/")
 
     def __init__(self, upstream: _Upstream) -> None:
         self._upstream = upstream
@@ -1284,10 +1336,17 @@ class _Anthropic:
         if body is None:
             return _anthropic_error(400, "invalid_request_error", "Invalid JSON body.")
         model = body.get("model")
-        messages = body.get("messages")
-        max_tokens = _token_cap(body.get("max_tokens"))
         if not isinstance(model, str) or not model:
             return _anthropic_error(400, "invalid_request_error", "model: Field required")
+        return await self.reply(request, body, model)
+
+    async def reply(
+        self, request: web.Request, body: dict[str, Any], model: str, *, vertex: bool = False
+    ) -> web.StreamResponse:
+        """The Message (or its stream) for a Messages request body naming ``model``; on Vertex
+        AI (``vertex``) without a request-id header, and its ``@`` version as ``-``."""
+        messages = body.get("messages")
+        max_tokens = _token_cap(body.get("max_tokens"))
         if not isinstance(messages, list):
             return _anthropic_error(400, "invalid_request_error", "messages: Field required")
         if max_tokens is None:
@@ -1321,17 +1380,17 @@ class _Anthropic:
             content: list[dict[str, Any]], done: bool, output_tokens: int
         ) -> dict[str, Any]:
             return {
-                "id": reply.ident("msg_"),
+                "id": reply.ident("msg_vrtx_" if vertex else "msg_"),
                 "type": "message",
                 "role": "assistant",
-                "model": model,
+                "model": model.replace("@", "-") if vertex else model,
                 "content": content,
                 "stop_reason": stop_reason if done else None,
                 "stop_sequence": None,
                 "usage": usage(output_tokens),
             }
 
-        headers = {"request-id": reply.ident("req_")}
+        headers = {} if vertex else {"request-id": reply.ident("req_")}
         if body.get("stream") is not True:
             text_block = {"type": "text", "text": reply.text}
             return _json(message([text_block], True, reply.tokens), headers=headers)
@@ -1458,6 +1517,239 @@ class _Gemini:
         return await stream.send(elements)
 
 
+# -- Vertex AI -----------------------------------------------------------------------------
+
+# Methods of `publishers/google` models that _Vertex answers; Gemini's go on to _Gemini.
+_VERTEX_GOOGLE_METHODS: Final = (
+    "predict",
+    "embedContent",
+    "batchEmbedContents",
+    "predictLongRunning",
+    "fetchPredictOperation",
+)
+_VERTEX_VERSIONS: Final = ("v1", "v1beta1")
+_VERTEX_EMBEDDING_DIMENSIONS: Final = 768  # text-embedding-005, text-multilingual-embedding-002
+_GEMINI_EMBEDDING_DIMENSIONS: Final = 3072  # gemini-embedding-001
+_VEO_VIDEO_TYPE: Final = "type.googleapis.com/cloud.ai.large_models.vision.GenerateVideoResponse"
+_VEO_DEFAULT_SECONDS: Final = 8
+_VEO_MAX_SAMPLES: Final = 4
+_VEO_BYTES_PER_SECOND: Final = 64
+
+
+def _vertex_resource(prefix: str, model: str) -> str:
+    """``projects/{p}/locations/{l}/publishers/google/models/{model}`` from a route's path
+    prefix (``v1beta1/projects/{p}/locations/{l}``, the API version dropped)."""
+    head, _, rest = prefix.partition("/")
+    parent = rest if head in _VERTEX_VERSIONS else prefix
+    return f"{parent}/publishers/google/models/{model}".lstrip("/")
+
+
+def _each(items: object, key: str) -> list[Any] | None:
+    """``item[key]`` of each object of a non-empty JSON list; None if it is anything else."""
+    if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
+        return None
+    return [item.get(key) for item in items]
+
+
+def _vertex_vector(model: str, seed: object, dimensions: int) -> list[float]:
+    vector = _embedding_vector(model, json.dumps(seed, sort_keys=True), dimensions)
+    return list(struct.unpack(f"<{dimensions}f", vector))
+
+
+@dataclass(slots=True)
+class _VeoOperation:
+    """One accepted Veo generation: running at its first poll, done from the second on."""
+
+    name: str
+    model: str
+    videos: list[dict[str, Any]]
+    polls: int = 0
+
+    def poll(self) -> dict[str, Any]:
+        self.polls += 1
+        if self.polls == 1:
+            return {"name": self.name}  # a running operation: JSON leaves "done": false out
+        response = {"@type": _VEO_VIDEO_TYPE, "raiMediaFilteredCount": 0, "videos": self.videos}
+        return {"name": self.name, "done": True, "response": response}
+
+
+class _Vertex:
+    """Vertex AI beyond Gemini's generateContent (which _Gemini answers): Claude's rawPredict
+    and streamRawPredict, embeddings, Veo's predictLongRunning and its operations."""
+
+    def __init__(self, upstream: _Upstream, anthropic: _Anthropic) -> None:
+        self._upstream = upstream
+        self._anthropic = anthropic
+        self._operations: dict[str, _VeoOperation] = {}  # oldest first, at most MAX_RECORDED
+        self._started = 0
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        # Registered before _Gemini, whose `…/models/{model}:{method}` matches these paths too;
+        # a Google method not listed here (generateContent, countTokens) goes on to it.
+        models = "/{prefix:.*}/publishers/{publisher}/models/{model:[^/:]+}"
+        google_methods = "|".join(_VERTEX_GOOGLE_METHODS)
+        router.add_post(
+            models.replace("{publisher}", "anthropic") + ":{method:[A-Za-z]+}", self.anthropic
+        )
+        router.add_post(
+            models.replace("{publisher}", "google") + f":{{method:{google_methods}}}", self.google
+        )
+        router.add_get("/{prefix:.*}/operations/{operation_id:[^/:]+}", self.get_operation)
+
+    async def anthropic(self, request: web.Request) -> web.StreamResponse:
+        model = request.match_info["model"]
+        counting = model == "count-tokens"
+        body = _json_object(
+            await self._upstream.received(request, _json_model if counting else lambda _: model)
+        )
+        method = request.match_info["method"]
+        if method not in ("rawPredict", "streamRawPredict"):
+            return _google_error(404, "NOT_FOUND", f"Method {method} is not found for {model}.")
+        if body is None:
+            return _anthropic_error(400, "invalid_request_error", "Invalid JSON body.")
+        if not isinstance(body.get("anthropic_version"), str):
+            return _anthropic_error(
+                400, "invalid_request_error", "anthropic_version: Field required"
+            )
+        if not counting:
+            return await self._anthropic.reply(request, body, model, vertex=True)
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return _anthropic_error(400, "invalid_request_error", "messages: Field required")
+        chars = _text_chars(messages) + _content_chars(body.get("system"))
+        return _json({"input_tokens": _TOKENS_PER_MESSAGE * len(messages) + _text_tokens(chars)})
+
+    async def google(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        body = _json_object(await self._upstream.received(request, lambda _: model))
+        if body is None:
+            return _google_error(400, "INVALID_ARGUMENT", "Invalid JSON payload received.")
+        method = request.match_info["method"]
+        if method == "predict" and "embedding" in model:
+            return self._predict_embeddings(model, body)
+        if method == "embedContent":
+            return self._embed_content(model, body)
+        if method == "batchEmbedContents":
+            return self._batch_embed_contents(model, body)
+        if method == "predictLongRunning" and model.startswith("veo-"):
+            return self._generate_videos(request.match_info["prefix"], model, body)
+        if method == "fetchPredictOperation":
+            name = body.get("operationName")
+            operation = self._operations.get(name) if isinstance(name, str) else None
+            if operation is None or operation.model != model:
+                return _google_error(404, "NOT_FOUND", f"Operation {name} is not found.")
+            return _json(operation.poll())
+        return _google_error(404, "NOT_FOUND", f"Method {method} is not found for {model}.")
+
+    async def get_operation(self, request: web.Request) -> web.Response:
+        head, _, rest = request.match_info["prefix"].partition("/")
+        parent = rest if head in _VERTEX_VERSIONS else request.match_info["prefix"]
+        name = f"{parent}/operations/{request.match_info['operation_id']}"
+        operation = self._operations.get(name)
+        await self._upstream.received(request, lambda _: operation.model if operation else None)
+        if operation is None:
+            return _google_error(404, "NOT_FOUND", f"Operation {name} is not found.")
+        return _json(operation.poll())
+
+    @staticmethod
+    def _dimensions(model: str, config: object) -> int:
+        asked = config.get("outputDimensionality") if isinstance(config, dict) else None
+        return _positive_int(asked) or (
+            _GEMINI_EMBEDDING_DIMENSIONS
+            if model.startswith("gemini-")
+            else _VERTEX_EMBEDDING_DIMENSIONS
+        )
+
+    def _predict_embeddings(self, model: str, body: dict[str, Any]) -> web.Response:
+        texts = _each(body.get("instances"), "content")
+        if texts is None or not all(isinstance(text, str) for text in texts):
+            return _google_error(400, "INVALID_ARGUMENT", "instances[].content is required.")
+        dimensions = self._dimensions(model, body.get("parameters"))
+        predictions = [
+            {
+                "embeddings": {
+                    "statistics": {"truncated": False, "token_count": _text_tokens(len(text))},
+                    "values": _vertex_vector(model, text, dimensions),
+                }
+            }
+            for text in texts
+        ]
+        characters = sum(len("".join(text.split())) for text in texts)
+        return _json(
+            {"predictions": predictions, "metadata": {"billableCharacterCount": characters}}
+        )
+
+    def _embed_content(self, model: str, body: dict[str, Any]) -> web.Response:
+        content = body.get("content")
+        if not isinstance(content, dict):
+            return _google_error(400, "INVALID_ARGUMENT", "content is required.")
+        tokens = _text_tokens(_gemini_chars(content))
+        dimensions = self._dimensions(model, body.get("embedContentConfig"))
+        return _json(
+            {
+                "embedding": {"values": _vertex_vector(model, content, dimensions)},
+                "usageMetadata": {"promptTokenCount": tokens, "totalTokenCount": tokens},
+                "truncated": False,
+            }
+        )
+
+    def _batch_embed_contents(self, model: str, body: dict[str, Any]) -> web.Response:
+        contents = _each(body.get("requests"), "content")
+        configs = _each(body.get("requests"), "embedContentConfig")
+        if contents is None or configs is None or not all(isinstance(c, dict) for c in contents):
+            return _google_error(400, "INVALID_ARGUMENT", "requests[].content is required.")
+        embeddings = [
+            {"values": _vertex_vector(model, content, self._dimensions(model, config))}
+            for content, config in zip(contents, configs, strict=True)
+        ]
+        tokens = sum(_text_tokens(_gemini_chars(c)) for c in contents)
+        usage = {"promptTokenCount": tokens, "totalTokenCount": tokens}
+        return _json({"embeddings": embeddings, "usageMetadata": usage})
+
+    def _generate_videos(self, prefix: str, model: str, body: dict[str, Any]) -> web.Response:
+        instances = body.get("instances")
+        first = instances[0] if isinstance(instances, list) and instances else None
+        if not isinstance(first, dict) or not (
+            isinstance(first.get("prompt"), str) or isinstance(first.get("image"), dict)
+        ):
+            return _google_error(400, "INVALID_ARGUMENT", "instances[0].prompt is required.")
+        parameters = body.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            return _google_error(400, "INVALID_ARGUMENT", "parameters must be an object.")
+        seconds = parameters.get("durationSeconds", _VEO_DEFAULT_SECONDS)
+        accepted = range(5, 9) if model.startswith("veo-2") else (4, 6, 8)
+        if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds not in accepted:
+            message = f"durationSeconds must be one of {', '.join(map(str, accepted))}."
+            return _google_error(400, "INVALID_ARGUMENT", message)
+        samples = parameters.get("sampleCount", 1)
+        if _positive_int(samples) is None or samples > _VEO_MAX_SAMPLES:
+            message = f"sampleCount must be from 1 to {_VEO_MAX_SAMPLES}."
+            return _google_error(400, "INVALID_ARGUMENT", message)
+        digest = _digest(model, [self._started, body]).hex()
+        self._started += 1
+        operation_id = "-".join(
+            (digest[:8], digest[8:12], digest[12:16], digest[16:20], digest[20:32])
+        )
+        name = f"{_vertex_resource(prefix, model)}/operations/{operation_id}"
+        storage = parameters.get("storageUri")
+        videos: list[dict[str, Any]] = []
+        for i in range(samples):
+            if isinstance(storage, str) and storage:
+                uri = f"{storage.rstrip('/')}/{operation_id}/sample_{i}.mp4"
+                videos.append({"gcsUri": uri, "mimeType": "video/mp4"})
+            else:
+                data = hashlib.shake_256(f"{name}/{i}".encode()).digest(
+                    _VEO_BYTES_PER_SECOND * seconds
+                )
+                videos.append(
+                    {"bytesBase64Encoded": base64.b64encode(data).decode(), "mimeType": "video/mp4"}
+                )
+        self._operations[name] = _VeoOperation(name, model, videos)
+        if len(self._operations) > MAX_RECORDED:
+            del self._operations[next(iter(self._operations))]
+        return _json({"name": name})
+
+
 # -- Bedrock -------------------------------------------------------------------------------
 
 
@@ -1466,8 +1758,270 @@ def _bedrock_error(status: int, message: str) -> web.Response:
     return _json({"message": message}, status, headers={"x-amzn-ErrorType": kind})
 
 
+_EVENT_STREAM_TYPE: Final = "application/vnd.amazon.eventstream"
+# AWS pads the JSON of every stream event with a "p" member of varying length, so that event
+# sizes do not give the content away; the fake pads deterministically from this alphabet.
+_BEDROCK_PADDING: Final = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+_BEDROCK_INVOCATION_METRICS: Final = "amazon-bedrock-invocationMetrics"
+_LLAMA_MAX_GEN_LEN: Final = 512
+
+
+def _bedrock_event(event_type: str, payload: Mapping[str, Any]) -> bytes:
+    """One message of a Bedrock event stream: an ``event`` with a (padded) JSON payload."""
+    padding = _BEDROCK_PADDING[: 1 + len(_dumps(payload)) % len(_BEDROCK_PADDING)]
+    headers = {":event-type": event_type, ":content-type": _JSON_TYPE, ":message-type": "event"}
+    return encode_message(headers, _dumps({**payload, "p": padding}))
+
+
+def _bedrock_chunk(document: Mapping[str, Any]) -> bytes:
+    """One ``chunk`` of InvokeModelWithResponseStream: the vendor's JSON, base64 in ``bytes``."""
+    return _bedrock_event("chunk", {"bytes": base64.b64encode(_dumps(document)).decode("ascii")})
+
+
+def _bedrock_missing(key: str) -> web.Response:
+    """InvokeModel's answer to a vendor body without a required key."""
+    return _bedrock_error(400, f"Malformed input request: #: required key [{key}] not found")
+
+
+def _elapsed_ms(started: float) -> int:
+    return max(1, round((time.monotonic() - started) * 1000))
+
+
+@dataclass(frozen=True, slots=True)
+class _BedrockCounts:
+    """One Bedrock request's reply and token counts (input excludes cache reads and writes)."""
+
+    reply: _Generation
+    input_tokens: int
+    cache_read: int = 0
+    cache_write: int = 0
+    cached: bool = False  # the request asked for a prompt cache
+
+    @property
+    def request_id(self) -> str:
+        return self.reply.ident("")[:32]
+
+    @property
+    def stop_reason(self) -> str:
+        return "max_tokens" if self.reply.truncated else "end_turn"
+
+    def converse_usage(self) -> dict[str, int]:
+        """Converse's ``TokenUsage``: cache counts only when the request asked for a cache."""
+        total = self.input_tokens + self.reply.tokens + self.cache_read + self.cache_write
+        usage = {
+            "inputTokens": self.input_tokens,
+            "outputTokens": self.reply.tokens,
+            "totalTokens": total,
+        }
+        if self.cached:
+            usage["cacheReadInputTokens"] = self.cache_read
+            usage["cacheWriteInputTokens"] = self.cache_write
+        return usage
+
+    def invocation_metrics(self, first_byte_ms: int, latency_ms: int) -> dict[str, int]:
+        """The ``amazon-bedrock-invocationMetrics`` of a stream's last chunk."""
+        metrics = {
+            "inputTokenCount": self.input_tokens,
+            "outputTokenCount": self.reply.tokens,
+            "invocationLatency": latency_ms,
+            "firstByteLatency": first_byte_ms,
+        }
+        if self.cached:
+            metrics["cacheReadInputTokenCount"] = self.cache_read
+            metrics["cacheWriteInputTokenCount"] = self.cache_write
+        return metrics
+
+    def invoke_headers(self, latency_ms: int) -> dict[str, str]:
+        """InvokeModel's response headers."""
+        headers = {
+            "x-amzn-RequestId": self.request_id,
+            "X-Amzn-Bedrock-Invocation-Latency": str(latency_ms),
+            "X-Amzn-Bedrock-Input-Token-Count": str(self.input_tokens),
+            "X-Amzn-Bedrock-Output-Token-Count": str(self.reply.tokens),
+        }
+        if self.cached:
+            headers["X-Amzn-Bedrock-Cache-Read-Input-Token-Count"] = str(self.cache_read)
+            headers["X-Amzn-Bedrock-Cache-Write-Input-Token-Count"] = str(self.cache_write)
+        return headers
+
+
+def _converse_counts(model: str, messages: list[Any], body: Mapping[str, Any]) -> _BedrockCounts:
+    """Counts of a Converse-shaped request (Converse, ConverseStream, Nova's InvokeModel)."""
+    system = body.get("system")
+    system_blocks = system if isinstance(system, list) else []
+    system_tokens = _text_tokens(_content_chars(system_blocks))
+    input_tokens = _TOKENS_PER_MESSAGE * len(messages) + _text_tokens(_text_chars(messages))
+    config = body.get("inferenceConfig")
+    cap = (
+        _token_cap(config.get("maxTokens"), config.get("max_new_tokens"))
+        if isinstance(config, dict)
+        else None
+    )
+    reply = _Generation.of(model, {"system": system, "messages": messages}, cap)
+    if any(isinstance(b, dict) and "cachePoint" in b for b in system_blocks):
+        read, written = _cache_split(system_tokens)
+        return _BedrockCounts(reply, input_tokens, read, written, cached=True)
+    return _BedrockCounts(reply, input_tokens + system_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class _InvokeAnswer:
+    """A vendor's answer to InvokeModel: the JSON body, or the documents of its stream (the
+    invocation metrics are added to the last one when it is sent)."""
+
+    counts: _BedrockCounts
+    body: dict[str, Any]
+    chunks: list[dict[str, Any]]
+
+
+def _anthropic_model_name(model_id: str) -> str:
+    """The ``model`` a Bedrock Claude reply names: the id without region prefix, vendor and
+    version (``us.anthropic.claude-3-5-haiku-20241022-v1:0`` -> ``claude-3-5-haiku-20241022``)."""
+    name = model_id.rpartition("/")[2]
+    name = name[name.find("anthropic.") + len("anthropic.") :]
+    head, version, number = name.rpartition("-v")
+    return head if version and number.replace(":", "").isdigit() else name
+
+
+def _anthropic_invoke(model: str, body: Mapping[str, Any]) -> _InvokeAnswer | web.Response:
+    """Claude's Messages format on Bedrock: no ``model`` (the path names it), an
+    ``anthropic_version``; counted as the Anthropic endpoint counts."""
+    messages = body.get("messages")
+    max_tokens = _token_cap(body.get("max_tokens"))
+    if not isinstance(body.get("anthropic_version"), str):
+        return _bedrock_missing("anthropic_version")
+    if not isinstance(messages, list):
+        return _bedrock_missing("messages")
+    if max_tokens is None:
+        return _bedrock_missing("max_tokens")
+    system = body.get("system")
+    system_tokens = _text_tokens(_content_chars(system))
+    input_tokens = _TOKENS_PER_MESSAGE * len(messages) + _text_tokens(_text_chars(messages))
+    reply = _Generation.of(model, {"system": system, "messages": messages}, max_tokens)
+    if _anthropic_cache_ttl(system) is None:
+        counts = _BedrockCounts(reply, input_tokens + system_tokens)
+    else:
+        read, written = _cache_split(system_tokens)
+        counts = _BedrockCounts(reply, input_tokens, read, written, cached=True)
+
+    def message(content: list[dict[str, Any]], done: bool, output_tokens: int) -> dict[str, Any]:
+        return {
+            "id": reply.ident("msg_bdrk_"),
+            "type": "message",
+            "role": "assistant",
+            "model": _anthropic_model_name(model),
+            "content": content,
+            "stop_reason": counts.stop_reason if done else None,
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": counts.input_tokens,
+                "cache_creation_input_tokens": counts.cache_write,
+                "cache_read_input_tokens": counts.cache_read,
+                "output_tokens": output_tokens,
+            },
+        }
+
+    chunks: list[dict[str, Any]] = [
+        {"type": "message_start", "message": message([], False, 1)},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        *(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}}
+            for p in reply.pieces
+        ),
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": counts.stop_reason, "stop_sequence": None},
+            "usage": {"output_tokens": reply.tokens},
+        },
+        {"type": "message_stop"},
+    ]
+    whole = message([{"type": "text", "text": reply.text}], True, reply.tokens)
+    return _InvokeAnswer(counts, whole, chunks)
+
+
+def _llama_invoke(model: str, body: Mapping[str, Any]) -> _InvokeAnswer | web.Response:
+    """Meta Llama's format: a ``prompt`` string, ``max_gen_len``; counts in the body."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        return _bedrock_missing("prompt")
+    cap = _token_cap(body.get("max_gen_len")) or _LLAMA_MAX_GEN_LEN
+    reply = _Generation.of(model, {"prompt": prompt}, cap)
+    counts = _BedrockCounts(reply, _text_tokens(len(prompt)))
+    stop_reason = "length" if reply.truncated else "stop"
+    whole = {
+        "generation": reply.text,
+        "prompt_token_count": counts.input_tokens,
+        "generation_token_count": reply.tokens,
+        "stop_reason": stop_reason,
+    }
+    chunks: list[dict[str, Any]] = [
+        {
+            "generation": piece,
+            "prompt_token_count": counts.input_tokens if i == 0 else None,
+            "generation_token_count": i + 1,
+            "stop_reason": None,
+        }
+        for i, piece in enumerate(reply.pieces)
+    ]
+    chunks.append(
+        {
+            "generation": "",
+            "prompt_token_count": None,
+            "generation_token_count": reply.tokens,
+            "stop_reason": stop_reason,
+        }
+    )
+    return _InvokeAnswer(counts, whole, chunks)
+
+
+def _nova_invoke(model: str, body: Mapping[str, Any]) -> _InvokeAnswer | web.Response:
+    """Amazon Nova's format: Converse's messages and counts, its own usage names."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return _bedrock_missing("messages")
+    counts = _converse_counts(model, messages, body)
+    cache = {
+        "cacheReadInputTokenCount": counts.cache_read,
+        "cacheWriteInputTokenCount": counts.cache_write,
+    }
+    usage = {
+        "inputTokens": counts.input_tokens,
+        "outputTokens": counts.reply.tokens,
+        "totalTokens": counts.converse_usage()["totalTokens"],
+        **cache,
+    }
+    whole = {
+        "output": {"message": {"content": [{"text": counts.reply.text}], "role": "assistant"}},
+        "stopReason": counts.stop_reason,
+        "usage": usage,
+    }
+    chunks: list[dict[str, Any]] = [
+        {"messageStart": {"role": "assistant"}},
+        *(
+            {"contentBlockDelta": {"delta": {"text": piece}, "contentBlockIndex": 0}}
+            for piece in counts.reply.pieces
+        ),
+        {"contentBlockStop": {"contentBlockIndex": 0}},
+        {"messageStop": {"stopReason": counts.stop_reason}},
+        {
+            "metadata": {
+                "usage": {
+                    "inputTokens": counts.input_tokens,
+                    "outputTokens": counts.reply.tokens,
+                    **cache,
+                },
+                "metrics": {},
+                "trace": {},
+            }
+        },
+    ]
+    return _InvokeAnswer(counts, whole, chunks)
+
+
 class _Bedrock:
-    """AWS Bedrock Runtime's Converse API (request signing is not checked)."""
+    """AWS Bedrock Runtime: Converse, ConverseStream, InvokeModel and
+    InvokeModelWithResponseStream (request signing is not checked)."""
 
     def __init__(self, upstream: _Upstream) -> None:
         self._upstream = upstream
@@ -1475,9 +2029,11 @@ class _Bedrock:
     def add_routes(self, router: web.UrlDispatcher) -> None:
         # A model ID may be an ARN: its '/' arrives percent-encoded and is decoded in match_info.
         router.add_post("/model/{model_id:.+}/converse", self.converse)
+        router.add_post("/model/{model_id:.+}/converse-stream", self.converse_stream)
+        router.add_post("/model/{model_id:.+}/invoke", self.invoke)
+        router.add_post("/model/{model_id:.+}/invoke-with-response-stream", self.invoke_stream)
 
-    async def converse(self, request: web.Request) -> web.Response:
-        started = time.monotonic()
+    async def _converse_request(self, request: web.Request) -> _BedrockCounts | web.Response:
         model = request.match_info["model_id"]
         body = _json_object(await self._upstream.received(request, lambda _: model))
         if body is None:
@@ -1485,36 +2041,82 @@ class _Bedrock:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return _bedrock_error(400, "The messages field is required.")
-        system = body.get("system")
-        system_blocks = system if isinstance(system, list) else []
-        system_tokens = _text_tokens(_content_chars(system_blocks))
-        input_tokens = _TOKENS_PER_MESSAGE * len(messages) + _text_tokens(_text_chars(messages))
-        usage: dict[str, Any] = {}
-        if any(isinstance(b, dict) and "cachePoint" in b for b in system_blocks):
-            read, written = _cache_split(system_tokens)
-            usage = {"cacheReadInputTokens": read, "cacheWriteInputTokens": written}
-        else:
-            input_tokens += system_tokens
-        config = body.get("inferenceConfig")
-        cap = _token_cap(config.get("maxTokens")) if isinstance(config, dict) else None
-        reply = _Generation.of(model, {"system": system, "messages": messages}, cap)
-        total = input_tokens + reply.tokens + sum(usage.values())
-        usage = {
-            "inputTokens": input_tokens,
-            "outputTokens": reply.tokens,
-            "totalTokens": total,
-            **usage,
-        }
-        latency_ms = max(1, round((time.monotonic() - started) * 1000))
+        return _converse_counts(model, messages, body)
+
+    async def converse(self, request: web.Request) -> web.Response:
+        started = time.monotonic()
+        counts = await self._converse_request(request)
+        if isinstance(counts, web.Response):
+            return counts
+        message = {"role": "assistant", "content": [{"text": counts.reply.text}]}
         return _json(
             {
-                "output": {"message": {"role": "assistant", "content": [{"text": reply.text}]}},
-                "stopReason": "max_tokens" if reply.truncated else "end_turn",
-                "usage": usage,
-                "metrics": {"latencyMs": latency_ms},
+                "output": {"message": message},
+                "stopReason": counts.stop_reason,
+                "usage": counts.converse_usage(),
+                "metrics": {"latencyMs": _elapsed_ms(started)},
             },
-            headers={"x-amzn-RequestId": reply.ident("")[:32]},
+            headers={"x-amzn-RequestId": counts.request_id},
         )
+
+    async def converse_stream(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        counts = await self._converse_request(request)
+        if isinstance(counts, web.Response):
+            return counts
+        events = [_bedrock_event("messageStart", {"role": "assistant"})]
+        events.extend(
+            _bedrock_event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": piece}})
+            for piece in counts.reply.pieces
+        )
+        events.append(_bedrock_event("contentBlockStop", {"contentBlockIndex": 0}))
+        events.append(_bedrock_event("messageStop", {"stopReason": counts.stop_reason}))
+        metadata = {
+            "usage": counts.converse_usage(),
+            "metrics": {"latencyMs": _elapsed_ms(started)},
+        }
+        events.append(_bedrock_event("metadata", metadata))
+        headers = {"x-amzn-RequestId": counts.request_id}
+        stream = await self._upstream.stream(request, _EVENT_STREAM_TYPE, headers)
+        return await stream.send(events)
+
+    async def _invoke_answer(self, request: web.Request) -> _InvokeAnswer | web.Response:
+        """The answer of the vendor the model ID names (``anthropic.``, ``meta.``,
+        ``amazon.nova``); any other model is refused."""
+        model = request.match_info["model_id"]
+        body = _json_object(await self._upstream.received(request, lambda _: model))
+        if body is None:
+            return _bedrock_error(400, "Malformed input request, please reformat your input.")
+        if "anthropic." in model:
+            return _anthropic_invoke(model, body)
+        if "meta." in model:
+            return _llama_invoke(model, body)
+        if "amazon.nova" in model:
+            return _nova_invoke(model, body)
+        return _bedrock_error(400, "The provided model identifier is invalid.")
+
+    async def invoke(self, request: web.Request) -> web.Response:
+        started = time.monotonic()
+        answer = await self._invoke_answer(request)
+        if isinstance(answer, web.Response):
+            return answer
+        return _json(answer.body, headers=answer.counts.invoke_headers(_elapsed_ms(started)))
+
+    async def invoke_stream(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        answer = await self._invoke_answer(request)
+        if isinstance(answer, web.Response):
+            return answer
+        first_byte_ms = _elapsed_ms(started)
+        *head, last = answer.chunks
+        metrics = answer.counts.invocation_metrics(first_byte_ms, _elapsed_ms(started))
+        chunks = [*head, {**last, _BEDROCK_INVOCATION_METRICS: metrics}]
+        headers = {
+            "X-Amzn-Bedrock-Content-Type": _JSON_TYPE,
+            "x-amzn-RequestId": answer.counts.request_id,
+        }
+        stream = await self._upstream.stream(request, _EVENT_STREAM_TYPE, headers)
+        return await stream.send(_bedrock_chunk(chunk) for chunk in chunks)
 
 
 # -- application ---------------------------------------------------------------------------
@@ -1532,7 +2134,10 @@ def build_app(*, latency_ms: int = 0, chunk_delay_ms: int = 0) -> web.Applicatio
     _OpenAIResponses(upstream).add_routes(app.router)
     _OpenAIEmbeddingsAndImages(upstream).add_routes(app.router)
     _OpenAIAudio(upstream).add_routes(app.router)
-    _Anthropic(upstream).add_routes(app.router)
+    anthropic = _Anthropic(upstream)
+    anthropic.add_routes(app.router)
+    # Before _Gemini, whose route matches every `…/models/{model}:{method}` path.
+    _Vertex(upstream, anthropic).add_routes(app.router)
     _Gemini(upstream).add_routes(app.router)
     _Bedrock(upstream).add_routes(app.router)
     app.router.add_route("*", "/{tail:.*}", control.not_found)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote
+from dataclasses import replace
 
 from tollgate.metering.anthropic_messages import AnthropicMessagesParser
-from tollgate.metering.bedrock import BedrockConverseParser
+from tollgate.metering.bedrock import bedrock_parser_for
 from tollgate.metering.gemini import GeminiParser
 from tollgate.metering.openai_audio import OpenAISpeechParser, OpenAITranscriptionParser
 from tollgate.metering.openai_chat import OpenAIChatParser
@@ -15,6 +15,7 @@ from tollgate.metering.openai_embeddings import OpenAIEmbeddingsParser
 from tollgate.metering.openai_images import OpenAIImagesParser
 from tollgate.metering.openai_responses import OpenAIResponsesParser
 from tollgate.metering.usage import ParsedResponse, RequestFacts, TokenUsage, UsageParser
+from tollgate.metering.vertex import vertex_parser_for
 from tollgate.policy.text import safe_text
 
 __all__ = [
@@ -30,11 +31,17 @@ __all__ = [
 _GEMINI = re.compile(
     r"/models/(?P<model>[^/:]+):(?P<method>generateContent|streamGenerateContent)$"
 )
-_BEDROCK = re.compile(r"^/model/(?P<model>[^/]+)/converse$")
 _IMAGES = ("/images/generations", "/images/edits", "/images/variations")
 _TRANSCRIPTION = ("/audio/transcriptions", "/audio/translations")
 # Endpoints whose JSON request body says something a parser needs (stream, input, n).
-_FACT_ENDPOINTS = ("/chat/completions", "/completions", "/audio/speech", *_IMAGES)
+# (Veo's :predictLongRunning: the seconds of video asked for.)
+_FACT_ENDPOINTS = (
+    "/chat/completions",
+    "/completions",
+    "/audio/speech",
+    *_IMAGES,
+    ":predictLongRunning",
+)
 
 
 def wants_request_body(endpoint: str) -> bool:
@@ -47,14 +54,15 @@ def parser_for(
 ) -> UsageParser | None:
     """The parser for a request path of an API family, or None when it is not metered."""
     facts = request or RequestFacts()
+    if api == "vertex":
+        return vertex_parser_for(endpoint, streamed=streamed, request=facts)
     gemini = _GEMINI.search(endpoint)
     if gemini is not None:
         facts = _with_model(facts, gemini["model"])
         return GeminiParser(streamed=streamed, request=facts)
-    bedrock = _BEDROCK.search(endpoint)
+    bedrock = bedrock_parser_for(endpoint, streamed=streamed, request=facts)
     if bedrock is not None:
-        facts = _with_model(facts, unquote(bedrock["model"]))
-        return BedrockConverseParser(streamed=streamed, request=facts)
+        return bedrock
     if api == "anthropic" or endpoint.endswith("/v1/messages"):
         if endpoint.endswith("/messages"):
             return AnthropicMessagesParser(streamed=streamed, request=facts)
@@ -77,9 +85,5 @@ def parser_for(
 
 
 def _with_model(facts: RequestFacts, model: str) -> RequestFacts:
-    return RequestFacts(
-        model=facts.model or safe_text(model),  # a path's %00 must not reach the record
-        stream=facts.stream,
-        input_chars=facts.input_chars,
-        image_count=facts.image_count,
-    )
+    # A path's %00 must not reach the record.
+    return replace(facts, model=facts.model or safe_text(model))

@@ -37,7 +37,8 @@ class ParsedResponse:
 
     usage: TokenUsage
     model: str | None
-    # Non-token units: "images", "audio_seconds", "characters"; only what was reported.
+    # Non-token units: "images", "audio_seconds", "characters", "video_seconds"; only what
+    # was reported (or, for video, asked for and accepted).
     units: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -49,6 +50,9 @@ class RequestFacts:
     stream: bool = False
     input_chars: int | None = None  # len(body["input"]) when a string (text-to-speech)
     image_count: int | None = None  # body["n"] (image generation)
+    # Seconds of video a generation request asks for (Veo: durationSeconds x sampleCount).
+    video_seconds: float | None = None
+    video_height: float | None = None  # its resolution as a frame height (1080p: 1080)
 
 
 class UsageParser(Protocol):
