@@ -300,6 +300,9 @@ class Stack:
             envoy = None
             if self.options.run_envoy:
                 envoy = await self._start_envoy(state, s.with_overrides(grpc_address=grpc_address))
+            # Cloud access tokens (Vertex AI service accounts) before the first request.
+            await asyncio.to_thread(self.router.start_credentials)
+            self._exits.callback(self.router.stop_credentials)
             await self._start_grpc(grpc_address, credentials, envoy)
             if s.usage_service_address:
                 await self._start_usage_service(s.usage_service_address, token)

@@ -179,13 +179,15 @@ class Settings:
         default_factory=dict,
         metadata={
             "help": "Provider definitions, merged over the built-in `openai`, `anthropic` and "
-            "`gemini` (TOML tables `[providers.NAME]`; in the environment a JSON object). Keys "
-            "per provider: `base_uri`, `auth` (`bearer`, `x-api-key`, `api-key`, "
-            "`x-goog-api-key` or `none`), `api_key_env` or `api_key_file` (the credential "
-            "Tollgate injects; never logged), `headers` (extra headers the provider requires, "
-            "set when the client did not send them), `api` (`openai`, `anthropic`, `gemini` "
-            "or `azure`: the request and usage format; default `openai`). See "
-            "docs/routing.md.",
+            "`gemini`, and over the built-in `vertex` (regional Vertex AI hosts) and `bedrock` "
+            "once named (TOML tables `[providers.NAME]`, `[providers.vertex]` may be empty; in "
+            "the environment a JSON object). Keys per provider: `base_uri` (or, for Bedrock, "
+            "`region`), `auth` (`bearer`, `x-api-key`, `api-key`, `x-goog-api-key` or `none`), "
+            "`api_key_env` or `api_key_file` (the credential Tollgate injects; never logged), "
+            "`headers` (extra headers the provider requires, set when the client did not send "
+            "them), `api` (`openai`, `anthropic`, `gemini`, `azure`, `bedrock` or `vertex`: "
+            "the request and usage format; default `openai`). A path of one of these APIs is "
+            "only sent to a provider of that API. See docs/routing.md.",
             "secret": False,
         },
     )
@@ -196,7 +198,9 @@ class Settings:
             '`[price_overrides."PROVIDER/MODEL"]` or `[price_overrides.MODEL]` (JSON object '
             "in the environment) with `input_per_mtok`, `output_per_mtok`, "
             "`cached_input_per_mtok`, `cache_write_per_mtok` (USD per million tokens) and "
-            "`per_request`, `per_image`, `per_audio_second`, `per_character` (USD).",
+            "`per_request`, `per_image`, `per_audio_second`, `per_character`, "
+            "`per_video_second` (and `per_video_second_720p`, `_1080p`, `_4k` for one "
+            "resolution) (USD).",
             "secret": False,
         },
     )

@@ -3,8 +3,10 @@
 An override is keyed by ``provider/model`` or by ``model`` alone and gives prices per million
 tokens (``input_per_mtok``, ``output_per_mtok``, ``cached_input_per_mtok``,
 ``cache_write_per_mtok``) and per unit (``per_request``, ``per_image``,
-``per_audio_second``, ``per_character``). Cached and cache-write tokens are priced at their
-own rate when one is given and otherwise as input tokens. Unknown models cost ``None``
+``per_audio_second``, ``per_character``, ``per_video_second`` with optional
+``per_video_second_720p`` / ``_1080p`` / ``_4k``: genai-prices has no video prices).
+Cached and cache-write tokens are priced at their own rate when one is given and otherwise
+as input tokens. Unknown models cost ``None``
 (stored as NULL) and are counted.
 
 Pricing through genai-prices costs well over 100 µs a call, too slow for the ledger writer, so
@@ -65,14 +67,30 @@ _UNIT_RATES = {
     "per_image": "images",
     "per_audio_second": "audio_seconds",
     "per_character": "characters",
+    "per_video_second": "video_seconds",
 }
+# Rates that refine another one (read by PriceOverride._video_rate, not by the loop).
+_REFINED_RATES = ("per_video_second_720p", "per_video_second_1080p", "per_video_second_4k")
 # genai-prices names some providers differently from Tollgate's provider names.
-_PRICING_PROVIDER = {"gemini": "google", "bedrock": "aws"}
+_PRICING_PROVIDER = {"gemini": "google", "bedrock": "aws", "vertex": "google"}
 # Providers whose reported input excludes cache reads and writes (Anthropic, Bedrock report
 # them separately) and whose output excludes reasoning (Gemini's thoughts): pricing counts all
 # input and all output, as genai-prices' Usage expects (its own extractors do the same).
+# Vertex AI serves both kinds: its Claude models report as Anthropic does, the rest as Gemini.
 _INPUT_EXCLUDES_CACHE = frozenset({"anthropic", "bedrock"})
 _OUTPUT_EXCLUDES_REASONING = frozenset({"gemini"})
+
+
+def _excludes_cache(provider: str | None, model: str) -> bool:
+    return provider in _INPUT_EXCLUDES_CACHE or (
+        provider == "vertex" and model.startswith("claude")
+    )
+
+
+def _excludes_reasoning(provider: str | None, model: str) -> bool:
+    return provider in _OUTPUT_EXCLUDES_REASONING or (
+        provider == "vertex" and not model.startswith("claude")
+    )
 
 
 @dataclass(frozen=True)
@@ -87,6 +105,12 @@ class PriceOverride:
     per_image: Decimal | None = None
     per_audio_second: Decimal | None = None
     per_character: Decimal | None = None
+    per_video_second: Decimal | None = None
+    # Per video second at one output resolution (the record's units.video_height); when the
+    # resolution has no rate of its own, per_video_second applies.
+    per_video_second_720p: Decimal | None = None
+    per_video_second_1080p: Decimal | None = None
+    per_video_second_4k: Decimal | None = None
 
     def cost(
         self,
@@ -112,14 +136,25 @@ class PriceOverride:
             total += Decimal(output_tokens or 0) * self.output_per_mtok / _MTOK
         for rate_name, unit in _UNIT_RATES.items():
             rate = getattr(self, rate_name)
+            if rate_name == "per_video_second":
+                rate = self._video_rate(units.get("video_height"))
             if rate is not None and unit in units:
                 total += Decimal(str(units[unit])) * rate
         return total
 
+    def _video_rate(self, height: float | None) -> Decimal | None:
+        by_height = {
+            720.0: self.per_video_second_720p,
+            1080.0: self.per_video_second_1080p,
+            2160.0: self.per_video_second_4k,
+        }
+        specific = by_height.get(float(height)) if height is not None else None
+        return specific if specific is not None else self.per_video_second
+
 
 def parse_overrides(tables: Mapping[str, Mapping[str, Any]]) -> dict[str, PriceOverride]:
     """Overrides from the ``price_overrides`` setting; raises ConfigError for bad values."""
-    known = (*_TOKEN_RATES, "per_request", *_UNIT_RATES)
+    known = (*_TOKEN_RATES, "per_request", *_UNIT_RATES, *_REFINED_RATES)
     out: dict[str, PriceOverride] = {}
     for key, table in tables.items():
         unknown = set(table) - set(known)
@@ -159,9 +194,9 @@ class PriceBook:
     ) -> Decimal | None:
         if not model:
             return None
-        if input_tokens is not None and provider in _INPUT_EXCLUDES_CACHE:
+        if input_tokens is not None and _excludes_cache(provider, model):
             input_tokens += (cached_input_tokens or 0) + (cache_write_tokens or 0)
-        if output_tokens is not None and provider in _OUTPUT_EXCLUDES_REASONING:
+        if output_tokens is not None and _excludes_reasoning(provider, model):
             output_tokens += reasoning_tokens or 0
         if self._overrides or type(model) is not str:
             override = self._overrides.get(f"{provider}/{model}".lower()) or self._overrides.get(

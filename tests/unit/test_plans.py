@@ -30,6 +30,8 @@ from tollgate.extproc.plan import (
 from tollgate.extproc.processor import PolicyConfig, ProcessorContext, RequestProcessor
 from tollgate.metering import parser_for
 from tollgate.policy.identity import IdentityResolver
+from tollgate.routing.allowlist import parse_base_uri
+from tollgate.routing.providers import Provider
 from tollgate.routing.router import Router
 from tollgate.v1 import usage_pb2
 
@@ -102,9 +104,16 @@ def processor(
     sink: RecordingSink, *, prefix_routing: bool = False, **policy: Any
 ) -> RequestProcessor:
     resolver = IdentityResolver(("jwt", "key", "header", "body_user", "body_metadata_user_id"))
+    # One upstream for every API family the tests' paths belong to (each family's paths go
+    # only to a provider of that family).
+    up = parse_base_uri("http://up")
+    providers = {
+        name: Provider(name=name, base=up, api=name, auth="none")
+        for name in ("openai", "anthropic", "gemini")
+    }
     ctx = ProcessorContext(
         sink=sink,
-        router=Router.single("openai", "http://up", model_prefix_routing=prefix_routing),
+        router=Router(providers, "openai", model_prefix_routing=prefix_routing),
         policy=PolicyConfig(resolver=resolver, **policy),
         keys=FixedKeys(),
     )

@@ -102,6 +102,19 @@ def test_upstream_url_overrides_the_default_provider() -> None:
         ("/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21", "azure"),
         ("/v1beta/models/gemini-2.0-flash:generateContent", "gemini"),
         ("/v1beta/openai/chat/completions", "gemini"),
+        (
+            "/v1beta1/projects/p/locations/us-central1/publishers/google/models/"
+            "gemini-2.5-flash:generateContent",
+            "vertex",
+        ),
+        ("/v1/projects/p/locations/global/publishers/anthropic/models/c:rawPredict", "vertex"),
+        ("/v1/projects/p/locations/us-central1/operations/123", "vertex"),
+        ("/v1/publishers/google/models/gemini-2.5-flash:generateContent?key=k", "vertex"),
+        ("/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/converse", "bedrock"),
+        ("/model/us.anthropic.claude-haiku-4-5-20251001-v1%3A0/converse-stream", "bedrock"),
+        ("/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Ainference-profile%2Fx/invoke", "bedrock"),
+        ("/model/meta.llama3-1-8b-instruct-v1%3A0/invoke-with-response-stream", "bedrock"),
+        ("/model/x/converse/extra", None),
     ],
 )
 def test_api_for_path(path: str, api: str | None) -> None:
@@ -118,8 +131,104 @@ def test_route_by_path_and_default() -> None:
     )
     messages = r.route("/v1/messages")
     assert (messages.provider, messages.api) == ("anthropic", "anthropic")
-    # No azure provider configured: Azure-shaped paths fall back to the default.
-    assert r.route("/openai/deployments/x/chat/completions").provider == "openai"
+    # No azure provider configured: an Azure path (and its api-key) never goes to the
+    # default provider.
+    with pytest.raises(PolicyRefusal) as refused:
+        r.route("/openai/deployments/x/chat/completions")
+    assert (refused.value.status, refused.value.code) == (400, "provider_not_configured")
+
+
+VERTEX_GEMINI = "/v1beta1/projects/p/locations/{}/publishers/google/models/gemini-2.5-flash"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        VERTEX_GEMINI.format("us-central1") + ":generateContent",
+        "/v1/projects/p/locations/europe-west4/publishers/anthropic/models/c@1:rawPredict",
+        "/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/converse-stream",
+        "/model/meta.llama3-1-8b-instruct-v1%3A0/invoke",
+        "/openai/deployments/prod/chat/completions?api-version=2024-10-21",
+    ],
+)
+def test_family_paths_without_their_provider_are_refused(path: str) -> None:
+    """The default provider (openai, with its key) never gets another family's request."""
+    with pytest.raises(PolicyRefusal) as refused:
+        router().route(path)
+    assert (refused.value.status, refused.value.code) == (400, "provider_not_configured")
+
+
+def test_vertex_routes_to_the_paths_regional_host() -> None:
+    r = router(providers={"vertex": {}})
+    central = r.route(VERTEX_GEMINI.format("us-central1") + ":streamGenerateContent?alt=sse")
+    assert (central.provider, central.api, central.base_uri) == (
+        "vertex",
+        "vertex",
+        "https://us-central1-aiplatform.googleapis.com",
+    )
+    assert central.path == VERTEX_GEMINI.format("us-central1") + ":streamGenerateContent?alt=sse"
+    assert r.route(VERTEX_GEMINI.format("global") + ":generateContent").base_uri == (
+        "https://aiplatform.googleapis.com"
+    )
+    assert r.route(VERTEX_GEMINI.format("eu") + ":generateContent").base_uri == (
+        "https://aiplatform.eu.rep.googleapis.com"
+    )
+    express = r.route("/v1/publishers/google/models/gemini-2.5-flash:generateContent?key=k")
+    assert express.base_uri == "https://aiplatform.googleapis.com"
+    # Pay-i style: the base-URI header names the regional host itself.
+    pinned = r.route(
+        VERTEX_GEMINI.format("us-east5") + ":generateContent",
+        "https://us-east5-aiplatform.googleapis.com",
+    )
+    assert (pinned.provider, pinned.base_uri) == (
+        "vertex",
+        "https://us-east5-aiplatform.googleapis.com",
+    )
+
+
+@pytest.mark.parametrize(
+    "location",
+    ["US-CENTRAL1", "us-central1.evil.com", "us_central1", "-us", "us-", "a" * 64, "%2e%2e", ""],
+)
+def test_vertex_locations_that_are_no_host_label_are_refused(location: str) -> None:
+    r = router(providers={"vertex": {}})
+    with pytest.raises(PolicyRefusal) as refused:
+        r.route(VERTEX_GEMINI.format(location) + ":generateContent")
+    assert refused.value.code == "invalid_path"
+
+
+def test_vertex_with_its_own_base_uri_is_not_regional() -> None:
+    r = router(providers={"vertex": {"base_uri": "http://127.0.0.1:9000"}})
+    route = r.route(VERTEX_GEMINI.format("us-central1") + ":generateContent")
+    assert route.base_uri == "http://127.0.0.1:9000"
+
+
+def test_a_family_path_cannot_be_sent_to_another_familys_provider() -> None:
+    r = router(providers={"vertex": {}})
+    path = VERTEX_GEMINI.format("us-central1") + ":generateContent"
+    for base_uri in ("https://api.openai.com", "https://api.anthropic.com/v1"):
+        with pytest.raises(PolicyRefusal) as refused:
+            r.route(path, base_uri)
+        assert refused.value.code == "provider_mismatch"
+    with pytest.raises(PolicyRefusal) as refused:
+        r.for_model("/v1/messages", "openai/gpt-4o")
+    assert refused.value.code == "provider_mismatch"
+    # Not a regional host: a look-alike is no provider's, and not on the allow-list.
+    with pytest.raises(PolicyRefusal) as refused:
+        r.route(path, "https://us-central1-aiplatform.googleapis.com.evil.example")
+    assert refused.value.code == "base_uri_not_allowed"
+
+
+def test_bedrock_from_its_region() -> None:
+    r = router(providers={"bedrock": {"region": "eu-central-1"}})
+    route = r.route("/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/invoke")
+    assert (route.provider, route.api, route.base_uri) == (
+        "bedrock",
+        "bedrock",
+        "https://bedrock-runtime.eu-central-1.amazonaws.com",
+    )
+    with pytest.raises(ConfigError, match="not an AWS region"):
+        router(providers={"bedrock": {"region": "eu-central-1.evil.com"}})
 
 
 @pytest.mark.parametrize(
@@ -327,3 +436,65 @@ def test_key_limited_to_other_providers_is_refused_after_model_routing() -> None
     assert first.HasField("request_headers")
     payload = json.loads(second.immediate_response.body)
     assert payload["error"]["code"] == "provider_not_allowed"
+
+
+# -- Bedrock requests Tollgate signs --------------------------------------------------------------
+
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIDTOLLGATE", "AWS_SECRET_ACCESS_KEY": "tollgate-secret"}
+
+
+def test_bedrock_gateway_key_requests_are_signed_with_the_gateways_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    r = router(providers={"bedrock": {"region": "us-west-2", "auth": "sigv4"}})
+    path = b"/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/invoke"
+    body = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 5, "messages": []}
+    _, first, second, _ = run(
+        r,
+        ("authorization", b"Bearer tg_k"),
+        ("x-amz-date", b"20200101T000000Z"),
+        ("x-amz-security-token", b"the-apps-session"),
+        body=body,
+        key=INJECT,
+        path=path,
+    )
+    assert first.mode_override.request_body_mode  # the signature needs the body
+    set_headers, removed = mutation_of(second.request_body.response)
+    assert {"x-amz-security-token", "x-amz-date"} <= set(removed) | set(set_headers)
+    assert "x-amz-security-token" not in set_headers  # long-term keys: no session token
+    auth = set_headers["authorization"].decode()
+    assert auth.startswith("AWS4-HMAC-SHA256 Credential=AKIDTOLLGATE/")
+    assert "/us-west-2/bedrock/aws4_request" in auth
+    assert "SignedHeaders=content-type;host;x-amz-date" in auth
+    # The signature an AWS service would compute for what Envoy sends.
+    sent = AWSRequest(
+        method="POST",
+        url="https://bedrock-runtime.us-west-2.amazonaws.com" + path.decode(),
+        data=json.dumps(body).encode(),
+        headers={
+            "host": "bedrock-runtime.us-west-2.amazonaws.com:443",
+            "content-type": "application/json",
+            "x-amz-date": set_headers["x-amz-date"].decode(),
+        },
+    )
+    sent.context["timestamp"] = set_headers["x-amz-date"].decode()
+    signer = SigV4Auth(Credentials(*AWS_ENV.values()), "bedrock", "us-west-2")
+    canonical = signer.canonical_request(sent)
+    expected = signer.signature(signer.string_to_sign(sent, canonical), sent)
+    assert auth.endswith("Signature=" + expected)
+
+
+def test_sigv4_needs_bedrock_and_a_region() -> None:
+    with pytest.raises(ConfigError, match="sigv4"):
+        router(providers={"x": {"base_uri": "http://127.0.0.1:9", "auth": "sigv4"}})
+    with pytest.raises(ConfigError, match="set region"):
+        router(providers={"bedrock": {"base_uri": "http://127.0.0.1:9", "auth": "sigv4"}})

@@ -50,6 +50,7 @@ from tollgate.metering import ParsedResponse, UsageParser, parser_for, wants_req
 from tollgate.metering.decoding import DecodingParser, decoder_wbits, sniffed_wbits
 from tollgate.metering.sse import SSEEventFilter
 from tollgate.metering.usage import RequestFacts
+from tollgate.metering.vertex import is_polling_endpoint, video_request
 from tollgate.policy.attribution import (
     RequestAttribution,
     ambiguous_credential,
@@ -71,7 +72,7 @@ from tollgate.policy.limits import LimitBook, LimitState
 from tollgate.policy.refusal import PolicyRefusal
 from tollgate.policy.text import safe_text
 from tollgate.pricing import PriceBook
-from tollgate.routing.mutation import route_mutation
+from tollgate.routing.mutation import route_mutation, signing_headers
 from tollgate.routing.router import Route, Router
 from tollgate.v1 import usage_pb2
 
@@ -93,6 +94,9 @@ BODY_LOG_BYTES = 4096
 
 # Endpoints whose multipart/form-data request names the model in a form field.
 _FORM_MODEL_ENDPOINTS = ("/audio/transcriptions", "/audio/translations")
+# Response media types metered as they pass (never buffered): SSE, and AWS's binary event
+# stream (Bedrock's ConverseStream and InvokeModelWithResponseStream).
+_STREAM_TYPES = (b"text/event-stream", b"application/vnd.amazon.eventstream")
 # The answer to a request Tollgate failed on while the client has had no response yet.
 _INTERNAL_ERROR_MESSAGE = (
     "Tollgate failed while processing this request; its operator can find it by the "
@@ -324,7 +328,16 @@ class RequestProcessor:
         log_body = body_readable and policy.log_bodies and not att.logging_disabled
         remove = list(att.strip)
         set_headers = [("accept-encoding", b"identity")]
-        wanted = self._body_decides or self._body_routes or self._body_facts or self._body_form
+        # A request Tollgate signs (Bedrock, a gateway key's credentials): the signature
+        # covers the body's hash.
+        signs = self._signs()
+        wanted = (
+            self._body_decides
+            or self._body_routes
+            or self._body_facts
+            or self._body_form
+            or (signs and not msg.end_of_stream)
+        )
         if not self._body_decides:
             try:
                 self._decide()
@@ -352,6 +365,8 @@ class RequestProcessor:
             route_remove, route_set = self._route_mutation()
         except PolicyRefusal as refusal:
             return self._refuse(refusal)
+        if signs:
+            route_set += self._signature(b"")
         return responses.continue_request_headers(
             request_id=self._request_id,
             metadata=self._limit_metadata,
@@ -400,6 +415,8 @@ class RequestProcessor:
             return self._refuse(refusal)
         if body_out is not None:
             route_set.append(("content-length", str(len(body_out)).encode()))
+        if self._signs():
+            route_set += self._signature(msg.body if body_out is None else body_out)
         return responses.continue_request_body(
             remove=route_remove,
             set_headers=route_set,
@@ -466,11 +483,14 @@ class RequestProcessor:
         stream = document.get("stream") is True
         text = document.get("input")
         count = document.get("n")
+        video_seconds, video_height = video_request(self._endpoint or "", document)
         self._facts = RequestFacts(
             model=self._request_model,
             stream=stream,
             input_chars=len(text) if isinstance(text, str) else None,
             image_count=count if isinstance(count, int) and not isinstance(count, bool) else None,
+            video_seconds=video_seconds,
+            video_height=video_height,
         )
         if stream and self._endpoint and self._endpoint.endswith(INCLUDE_USAGE_ENDPOINTS):
             options = document.get("stream_options")
@@ -502,6 +522,26 @@ class RequestProcessor:
         if allowed is not None and route.provider not in allowed:
             raise PolicyRefusal.provider_not_allowed(route.provider)
         self._route = route
+
+    def _signs(self) -> bool:
+        """Whether Tollgate signs this request itself (SigV4 with the credentials it holds)."""
+        route, key = self._route, self._key
+        return (
+            key is not None
+            and key.inject_credentials
+            and route is not None
+            and route.credentials is not None
+            and route.credentials.signer is not None
+        )
+
+    def _signature(self, body: bytes) -> list[tuple[str, bytes]]:
+        assert self._route is not None
+        return signing_headers(
+            self._route,
+            method=self._headers.get(":method", b"POST").decode("ascii", "replace"),
+            content_type=self._headers.get("content-type"),
+            body=body,
+        )
 
     def _route_mutation(self) -> tuple[list[str], list[tuple[str, bytes]]]:
         assert self._route is not None
@@ -666,7 +706,7 @@ class RequestProcessor:
         set_headers = [(REQUEST_ID_HEADER, self._request_id.encode())]
         ok = self._status is not None and 200 <= self._status < 300
         content_type = headers.get("content-type", b"").split(b";", 1)[0].strip().lower()
-        self._streamed = content_type == b"text/event-stream"
+        self._streamed = content_type in _STREAM_TYPES
         route = self._route
         if ok and self._endpoint is not None and route is not None:
             self._parser = parser_for(
@@ -908,3 +948,11 @@ class RequestProcessor:
             record.model = model
         if parsed is not None:
             fill_usage(record, parsed)
+            if (
+                route is not None
+                and route.api == "vertex"
+                and record.outcome == usage_pb2.OUTCOME_OK
+                and is_polling_endpoint(record.endpoint)
+            ):
+                # Asking after a video is free: it was charged when it was asked for.
+                record.cost_usd = "0"

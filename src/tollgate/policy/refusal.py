@@ -4,7 +4,8 @@ Every refusal becomes an OpenAI-shaped error for the client (status, ``code``, m
 ledger row with outcome ``blocked`` and ``block_reason`` = ``code``.
 
     PolicyRefusal(Exception)
-      status 400  invalid_json, invalid_header_value, ambiguous_credentials
+      status 400  invalid_json, invalid_header_value, ambiguous_credentials, invalid_path,
+                  provider_not_configured, provider_mismatch
       status 401  invalid_gateway_key
       status 403  user_id_mismatch, provider_not_allowed, base_uri_not_allowed
       status 413  body_too_large
@@ -19,6 +20,15 @@ import math
 from datetime import UTC, datetime
 
 __all__ = ["PolicyRefusal"]
+
+_FAMILY_NAMES = {
+    "anthropic": "Anthropic",
+    "azure": "Azure OpenAI",
+    "bedrock": "AWS Bedrock",
+    "gemini": "Gemini",
+    "openai": "OpenAI",
+    "vertex": "Vertex AI",
+}
 
 
 class PolicyRefusal(Exception):
@@ -161,6 +171,26 @@ class PolicyRefusal(Exception):
             "base_uri_not_allowed",
             "The requested base URI is not on this gateway's allow-list.",
             param="x-tollgate-base-uri",
+        )
+
+    @classmethod
+    def provider_not_configured(cls, family: str) -> PolicyRefusal:
+        """A path of an API family no configured provider speaks (never sent elsewhere)."""
+        return cls(
+            400,
+            "provider_not_configured",
+            f"This is a {_FAMILY_NAMES.get(family, family)} API path, and this gateway has no "
+            f"provider for it; ask its operator to configure one (api = {family!r}).",
+        )
+
+    @classmethod
+    def provider_mismatch(cls, family: str, provider: str) -> PolicyRefusal:
+        """A path of one API family sent, by base URI or model prefix, to another's provider."""
+        return cls(
+            400,
+            "provider_mismatch",
+            f"This is a {_FAMILY_NAMES.get(family, family)} API path; provider {provider!r} "
+            "does not speak it.",
         )
 
     @classmethod

@@ -14,7 +14,10 @@ from tollgate.routing.envoy_headers import UPSTREAM_HOST_HEADER, UPSTREAM_SCHEME
 from tollgate.routing.providers import CLIENT_AUTH_HEADERS
 from tollgate.routing.router import Route
 
-__all__ = ["route_mutation"]
+__all__ = ["route_mutation", "signing_headers"]
+
+# What a SigV4 signature consists of besides authorization (the app's are replaced).
+_AWS_SIGNATURE_HEADERS = frozenset({"x-amz-date", "x-amz-security-token", "x-amz-content-sha256"})
 
 
 def route_mutation(
@@ -44,8 +47,12 @@ def route_mutation(
     provider = route.credentials
     if key is not None and key.inject_credentials:
         credential = provider.credential_header() if provider is not None else None
-        if provider is not None and provider.needs_credential and credential is None:
+        signs = provider is not None and provider.signer is not None
+        if provider is not None and provider.needs_credential and credential is None and not signs:
             raise PolicyRefusal.provider_credentials_missing(provider.name)
+        if signs:
+            # The app's own signature headers go with its authorization (see signing_headers).
+            remove += [name for name in headers if name in _AWS_SIGNATURE_HEADERS]
         if credential is not None:
             set_headers.append(credential)
         # The app's own credentials never travel with an injected one (or to a custom
@@ -72,3 +79,21 @@ def route_mutation(
             (name, value.encode()) for name, value in provider.headers if name not in headers
         ]
     return remove, set_headers
+
+
+def signing_headers(
+    route: Route, *, method: str, content_type: bytes | None, body: bytes
+) -> list[tuple[str, bytes]]:
+    """The SigV4 headers that sign ``body`` for ``route``'s upstream with the credentials its
+    provider holds (``route.credentials.signer``). The signature covers ``host`` as Envoy sends
+    it (``host:port``) and the content type, both sent unchanged."""
+    provider = route.credentials
+    assert provider is not None
+    assert provider.signer is not None
+    covered = [("host", route.base.authority)]
+    if content_type is not None:
+        covered.append(("content-type", content_type.decode("latin-1")))
+    url = f"{route.base.scheme}://{route.base.authority}{route.path}"
+    return [
+        (name, value.encode()) for name, value in provider.signer.sign(method, url, covered, body)
+    ]
