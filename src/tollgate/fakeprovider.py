@@ -1,9 +1,9 @@
 """Fake LLM provider upstream for ``tollgate demo``, integration tests and benchmarks.
 
 Not part of Tollgate's request path. It speaks every wire format Tollgate meters (OpenAI,
-Anthropic, Gemini, Bedrock Converse), streaming included, with replies that depend only on the
-request, and records every provider request it receives so tests can prove what reached the
-upstream.
+Anthropic, Gemini, Vertex AI, Bedrock with its event streams), streaming included, with replies
+that depend only on the request, and records every provider request it receives so tests can
+prove what reached the upstream.
 
 Endpoints (``…`` is any path prefix: ``/v1``, ``/team-a/v1``, an Azure
 ``/openai/deployments/{name}``, a Vertex ``/v1/projects/…/publishers/google``)::

@@ -23,6 +23,7 @@ from tollgate.metering.vertex import (
     is_polling_endpoint,
     veo_video_seconds,
     vertex_parser_for,
+    video_request,
 )
 from tollgate.routing.router import vertex_location
 
@@ -612,3 +613,41 @@ def test_vertex_location_refuses_anything_else(location: str) -> None:
 )
 def test_vertex_location_needs_a_project_path(path: str) -> None:
     assert vertex_location(path) is None
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "expected"),
+    [
+        (
+            f"{V1}/google/models/veo-3.0-generate-001:predictLongRunning",
+            {"parameters": {"durationSeconds": 6, "sampleCount": 2, "resolution": "1080p"}},
+            (12.0, 1080.0),
+        ),
+        (f"{V1}/google/models/veo-3.0-generate-001:predictLongRunning", {}, (8.0, None)),
+        (
+            f"{V1}/google/models/veo-3.0-generate-001:predictLongRunning",
+            {"parameters": {"resolution": "8K"}},
+            (8.0, None),
+        ),
+        (
+            f"{V1}/google/models/veo-3.0-generate-001:predictLongRunning",
+            {"parameters": {"durationSeconds": -1, "resolution": "720p"}},
+            (None, None),
+        ),
+        (f"{V1}/google/models/gemini-2.5-pro:generateContent", {"parameters": {}}, (None, None)),
+        (f"{V1}/google/models/imagen-4:predictLongRunning", {}, (None, None)),
+    ],
+)
+def test_video_request_reads_seconds_and_height(
+    endpoint: str, body: dict[str, Any], expected: tuple[float | None, float | None]
+) -> None:
+    assert video_request(endpoint, body) == expected
+
+
+def test_veo_rows_carry_the_height_with_the_seconds() -> None:
+    endpoint = f"{V1}/google/models/veo-3.0-generate-001:predictLongRunning"
+    facts = RequestFacts(video_seconds=16.0, video_height=1080.0)
+    parser = vertex_parser_for(endpoint, streamed=False, request=facts)
+    assert parser is not None
+    parser.feed(b'{"name": "projects/p/locations/l/publishers/google/models/v/operations/1"}')
+    assert parser.result().units == {"video_seconds": 16.0, "video_height": 1080.0}

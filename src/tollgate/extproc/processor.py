@@ -366,7 +366,7 @@ class RequestProcessor:
         except PolicyRefusal as refusal:
             return self._refuse(refusal)
         if signs:
-            route_set += self._signature(b"")
+            route_remove, route_set = self._signed(route_remove, route_set, b"")
         return responses.continue_request_headers(
             request_id=self._request_id,
             metadata=self._limit_metadata,
@@ -416,7 +416,8 @@ class RequestProcessor:
         if body_out is not None:
             route_set.append(("content-length", str(len(body_out)).encode()))
         if self._signs():
-            route_set += self._signature(msg.body if body_out is None else body_out)
+            body = msg.body if body_out is None else body_out
+            route_remove, route_set = self._signed(route_remove, route_set, body)
         return responses.continue_request_body(
             remove=route_remove,
             set_headers=route_set,
@@ -534,14 +535,21 @@ class RequestProcessor:
             and route.credentials.signer is not None
         )
 
-    def _signature(self, body: bytes) -> list[tuple[str, bytes]]:
+    def _signed(
+        self, remove: list[str], set_headers: list[tuple[str, bytes]], body: bytes
+    ) -> tuple[list[str], list[tuple[str, bytes]]]:
+        """The mutation with Tollgate's signature of ``body`` added: the app's signature
+        headers are removed, except those the new signature sets (Envoy would apply the
+        removal after the set)."""
         assert self._route is not None
-        return signing_headers(
+        signature = signing_headers(
             self._route,
             method=self._headers.get(":method", b"POST").decode("ascii", "replace"),
             content_type=self._headers.get("content-type"),
             body=body,
         )
+        signed = {name for name, _ in signature}
+        return [n for n in remove if n not in signed], [*set_headers, *signature]
 
     def _route_mutation(self) -> tuple[list[str], list[tuple[str, bytes]]]:
         assert self._route is not None
@@ -854,9 +862,20 @@ class RequestProcessor:
     def _outcome_from_usage(self) -> int:
         assert self._parser is not None
         result = self._parser.result()
-        if result.usage.reported or result.units:
+        if result.usage.reported or result.units or self._is_free():
             return usage_pb2.OUTCOME_OK
         return usage_pb2.OUTCOME_USAGE_MISSING
+
+    def _is_free(self) -> bool:
+        """A request that uses nothing by itself: asking after a Vertex AI operation (the
+        video was charged when it was asked for)."""
+        route = self._route
+        return (
+            route is not None
+            and route.api == "vertex"
+            and self._endpoint is not None
+            and is_polling_endpoint(self._endpoint)
+        )
 
     def _finish(self, outcome: int) -> None:
         """Submit the request's one record. If building it fails, what was filled in so far
@@ -948,11 +967,5 @@ class RequestProcessor:
             record.model = model
         if parsed is not None:
             fill_usage(record, parsed)
-            if (
-                route is not None
-                and route.api == "vertex"
-                and record.outcome == usage_pb2.OUTCOME_OK
-                and is_polling_endpoint(record.endpoint)
-            ):
-                # Asking after a video is free: it was charged when it was asked for.
+            if record.outcome == usage_pb2.OUTCOME_OK and self._is_free():
                 record.cost_usd = "0"

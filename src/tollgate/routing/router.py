@@ -71,9 +71,9 @@ _VERTEX_LOCATION = re.compile(
 # A location is one DNS label of lower-case letters and digits, hyphens between them
 # (us-central1, europe-west4, us, global): it becomes part of the upstream host name.
 _LOCATION = re.compile(r"[a-z](?:[a-z0-9]|-(?=[a-z0-9])){0,61}[a-z0-9]?")
-_BEDROCK_PATH = re.compile(
-    r"/model/[^/]+/(?:converse|converse-stream|invoke|invoke-with-response-stream)"
-)
+# Bedrock Runtime's namespaces: /model/{id}/… (Converse, InvokeModel and their streams, and
+# any other action), async invocations, guardrails.
+_BEDROCK_PATH = re.compile(r"/(?:model/|async-invoke(?:/|$)|guardrail/)")
 VERTEX_GLOBAL_HOST = "aiplatform.googleapis.com"
 _MULTI_REGIONS = frozenset({"us", "eu"})
 
@@ -91,7 +91,7 @@ def api_for_path(path: str) -> str | None:
         return "anthropic"
     if endpoint.startswith("/openai/deployments/"):
         return "azure"
-    if _BEDROCK_PATH.fullmatch(endpoint):
+    if _BEDROCK_PATH.match(endpoint):
         return "bedrock"
     if _VERTEX_PATH.match(endpoint):
         return "vertex"
