@@ -233,6 +233,8 @@ def test_bedrock_from_its_region() -> None:
     )
     with pytest.raises(ConfigError, match="not an AWS region"):
         router(providers={"bedrock": {"region": "eu-central-1.evil.com"}})
+    with pytest.raises(ConfigError, match="region is for Bedrock"):
+        router(providers={"vertex": {"region": "us-east-1"}})
 
 
 @pytest.mark.parametrize(

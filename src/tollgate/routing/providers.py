@@ -145,6 +145,8 @@ def _provider(name: str, table: Mapping[str, Any], environ: Mapping[str, str]) -
     region = table.get("region")
     if region is not None and not _AWS_REGION.fullmatch(str(region)):
         raise ConfigError(f"provider {name!r}: region {region!r} is not an AWS region name")
+    if region is not None and table.get("api") != "bedrock":
+        raise ConfigError(f"provider {name!r}: region is for Bedrock (api = 'bedrock')")
     base_uri = table.get("base_uri")
     if base_uri is None and region is not None:
         base_uri = f"https://bedrock-runtime.{region}.amazonaws.com"

@@ -8,7 +8,9 @@ In order of precedence:
 2. a model prefix in the body (``"openai/gpt-4o"`` → provider ``openai``, model ``gpt-4o``),
    when the prefix names a configured provider;
 3. the API path (``/v1/messages`` → Anthropic, ``/openai/deployments/…`` → Azure, Gemini's
-   ``/v1beta/…``);
+   ``/v1beta/…``, Vertex AI's ``/v1/projects/…`` at the location's regional host, Bedrock's
+   ``/model/…``): a path of such a family goes only to a provider of that family, or is
+   refused (``provider_not_configured``, ``provider_mismatch``);
 4. the default provider.
 
 A request path that could leave a base URI's path prefix (dot segments, encoded dots or
