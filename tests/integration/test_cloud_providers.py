@@ -7,6 +7,7 @@ credentials reach only the provider they belong to, and nothing reaches the defa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.error
@@ -118,12 +119,12 @@ def test_google_genai_in_vertex_mode(
     fake_upstream: FakeUpstream,
     cloud_upstream: FakeUpstream,
 ) -> None:
-    client = vertex_client(stack, "vx-gemini")
-    answer = client.models.generate_content(model=GEMINI, contents="Count the ledgers.")
-    streamed = list(
-        client.models.generate_content_stream(model=GEMINI, contents="Stream the count.")
-    )
-    embedded = client.models.embed_content(model=EMBEDDING, contents=["one", "two ledgers"])
+    with vertex_client(stack, "vx-gemini") as client:  # closed: its httpx client warns if not
+        answer = client.models.generate_content(model=GEMINI, contents="Count the ledgers.")
+        streamed = list(
+            client.models.generate_content_stream(model=GEMINI, contents="Stream the count.")
+        )
+        embedded = client.models.embed_content(model=EMBEDDING, contents=["one", "two ledgers"])
     rows = rows_of(database_url, "vx-gemini", 3)
     by_endpoint = {row["endpoint"].rsplit(":", 1)[1]: row for row in rows}
 
@@ -157,15 +158,20 @@ def test_google_genai_in_vertex_mode(
 
 
 def test_anthropic_vertex_client(
-    stack: RunningTollgate, database_url: str, fake_upstream: FakeUpstream
+    stack: RunningTollgate,
+    database_url: str,
+    fake_upstream: FakeUpstream,
+    closing: Callable[[Any], Any],
 ) -> None:
-    client = anthropic.AnthropicVertex(
-        region="us-east5",
-        project_id=PROJECT,
-        access_token=APP_TOKEN,
-        base_url=stack.envoy_url,
-        default_headers={"x-tollgate-user-id": "vx-claude"},
-        max_retries=0,
+    client = closing(
+        anthropic.AnthropicVertex(
+            region="us-east5",
+            project_id=PROJECT,
+            access_token=APP_TOKEN,
+            base_url=stack.envoy_url,
+            default_headers={"x-tollgate-user-id": "vx-claude"},
+            max_retries=0,
+        )
     )
     rows = check_claude(client, CLAUDE_VERTEX, database_url)
     assert {row["provider"] for row in rows} == {"vertex"}
@@ -206,15 +212,20 @@ def check_claude(client: Any, model: str, database_url: str) -> list[dict[str, A
 
 
 def test_anthropic_bedrock_client(
-    stack: RunningTollgate, database_url: str, cloud_upstream: FakeUpstream
+    stack: RunningTollgate,
+    database_url: str,
+    cloud_upstream: FakeUpstream,
+    closing: Callable[[Any], Any],
 ) -> None:
-    client = anthropic.AnthropicBedrock(
-        aws_access_key="AKIDAPP",
-        aws_secret_key="app-secret",
-        aws_region="us-east-1",
-        base_url=stack.envoy_url.removesuffix("/v1"),
-        default_headers={"x-tollgate-user-id": "br-claude"},
-        max_retries=0,
+    client = closing(
+        anthropic.AnthropicBedrock(
+            aws_access_key="AKIDAPP",
+            aws_secret_key="app-secret",
+            aws_region="us-east-1",
+            base_url=stack.envoy_url.removesuffix("/v1"),
+            default_headers={"x-tollgate-user-id": "br-claude"},
+            max_retries=0,
+        )
     )
     rows = check_claude(client, CLAUDE_BEDROCK, database_url)
     assert {(row["provider"], row["model"]) for row in rows} == {("bedrock", CLAUDE_BEDROCK)}
@@ -242,10 +253,26 @@ def bedrock_runtime(stack: RunningTollgate, user: str) -> Any:
     return client
 
 
+@pytest.fixture
+def closing() -> Iterator[Callable[[Any], Any]]:
+    """Closes the SDK clients given to it at the end of the test: a socket left to the garbage
+    collector is a ResourceWarning, which fails whichever test is running then."""
+    with contextlib.ExitStack() as stack:
+
+        def close_later(client: Any) -> Any:
+            stack.callback(client.close)
+            return client
+
+        yield close_later
+
+
 def test_boto3_converse_stream_and_invoke_with_response_stream(
-    stack: RunningTollgate, database_url: str, fake_upstream: FakeUpstream
+    stack: RunningTollgate,
+    database_url: str,
+    fake_upstream: FakeUpstream,
+    closing: Callable[[Any], Any],
 ) -> None:
-    client = bedrock_runtime(stack, "br-boto3")
+    client = closing(bedrock_runtime(stack, "br-boto3"))
     converse = client.converse_stream(
         modelId=CLAUDE_BEDROCK,
         messages=[{"role": "user", "content": [{"text": "Count the beans."}]}],
@@ -332,17 +359,17 @@ def test_a_path_without_its_provider_is_refused_before_any_upstream(
 def test_veo_generation_is_charged_once_and_polling_is_free(
     stack: RunningTollgate, database_url: str
 ) -> None:
-    client = vertex_client(stack, "u1")
-    operation = client.models.generate_videos(
-        model=VEO,
-        source=types.GenerateVideosSource(prompt="A ledger, slowly filling."),
-        config=types.GenerateVideosConfig(duration_seconds=6, number_of_videos=2),
-    )
-    polls = 0
-    while not operation.done:
-        operation = client.operations.get(operation)
-        polls += 1
-        assert polls <= 5
+    with vertex_client(stack, "u1") as client:
+        operation = client.models.generate_videos(
+            model=VEO,
+            source=types.GenerateVideosSource(prompt="A ledger, slowly filling."),
+            config=types.GenerateVideosConfig(duration_seconds=6, number_of_videos=2),
+        )
+        polls = 0
+        while not operation.done:
+            operation = client.operations.get(operation)
+            polls += 1
+            assert polls <= 5
     rows = rows_of(database_url, "u1", 1 + polls)
     (created,) = [r for r in rows if r["endpoint"].endswith(":predictLongRunning")]
     assert (created["outcome"], created["model"]) == ("ok", VEO), created
@@ -393,10 +420,11 @@ def test_vertex_gateway_key_sends_a_token_minted_from_the_service_account(
                     retry_options=types.HttpRetryOptions(attempts=1),
                 ),
             )
-            until_the_key_is_known(
-                lambda: client.models.generate_content(model=GEMINI, contents="Count."),
-                lambda exc: isinstance(exc, genai_errors.APIError) and exc.code == 401,
-            )
+            with client:
+                until_the_key_is_known(
+                    lambda: client.models.generate_content(model=GEMINI, contents="Count."),
+                    lambda exc: isinstance(exc, genai_errors.APIError) and exc.code == 401,
+                )
             (row,) = rows_of(database_url, "sa-user", 1)
             assert (row["outcome"], row["key_id"], row["provider"]) == ("ok", key_id, "vertex")
     assert token_endpoint.assertions  # Tollgate signed in as the service account
@@ -409,7 +437,11 @@ def test_vertex_gateway_key_sends_a_token_minted_from_the_service_account(
 
 
 def test_bedrock_gateway_key_requests_are_re_signed(
-    tmp_path: Path, database_url: str, fake_upstream: FakeUpstream, cloud_upstream: FakeUpstream
+    tmp_path: Path,
+    database_url: str,
+    fake_upstream: FakeUpstream,
+    cloud_upstream: FakeUpstream,
+    closing: Callable[[Any], Any],
 ) -> None:
     from botocore.auth import SigV4Auth
     from botocore.awsrequest import AWSRequest
@@ -431,7 +463,7 @@ def test_bedrock_gateway_key_requests_are_re_signed(
         providers=json.dumps(providers),
     ) as running:
         token, _ = create_key(running.env, "bedrock-app", "--user", "signed-user")
-        client = bedrock_runtime(running, "ignored-user")
+        client = closing(bedrock_runtime(running, "ignored-user"))
         client.meta.events.register(
             "before-send.bedrock-runtime.*",
             lambda request, **_: request.headers.__setitem__("x-tollgate-key", token),
